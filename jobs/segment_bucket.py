@@ -1,0 +1,116 @@
+"""Segment every image under --input with a MaskFormer checkpoint; write COCO panoptic outputs.
+
+    python jobs/segment_bucket.py --input IMAGES --output OUT [options]
+    ray job submit --working-dir . -- python jobs/segment_bucket.py --input s3://b/in --output s3://b/out
+
+Outputs under --output: panoptic/<key>.png, tables/images/*.parquet, tables/errors/*.parquet,
+coco/panoptic.json, report.json. Rerunning the same command resumes: committed images are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from pipeline.config import PostprocessConfig  # noqa: E402
+from pipeline.labels import LabelMapError  # noqa: E402
+from pipeline.listing import InputError  # noqa: E402
+from pipeline.model import BUNDLED, ModelError  # noqa: E402
+from pipeline.run import ExecutionConfig, RunConfig, run  # noqa: E402
+
+USER_ERRORS = (InputError, ModelError, LabelMapError, PermissionError, FileNotFoundError, NotADirectoryError)
+
+
+def _concurrency(text: str) -> tuple[int, int]:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise argparse.ArgumentTypeError("expected N or MIN,MAX with 1 <= MIN <= MAX")
+    return parts[0], parts[1]
+
+
+def _id_set(text: str) -> frozenset[int]:
+    try:
+        return frozenset(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated label ids, e.g. 0,1") from None
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("expected a number between 0 and 1")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("expected a positive integer")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True,
+                   help="folder of images (local path or fsspec URL such as s3://bucket/prefix), or a "
+                        "manifest file of URIs (.parquet with a 'uri' column, .csv, or .txt one per line)")
+    p.add_argument("--output", required=True, help="output folder (local path or fsspec URL); rerun to resume")
+    p.add_argument("--model", default=BUNDLED,
+                   help="checkpoint: a Hugging Face hub id (e.g. facebook/maskformer-swin-base-coco), a local "
+                        "directory, or an s3:// directory; safetensors only (default: the bundled model)")
+    p.add_argument("--label-map", help="JSON label map giving isthing/COCO id/colour per model label "
+                                       "(default: the checkpoint's label_map.json, else the COCO panoptic map)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--concurrency", type=_concurrency, default=(1, 1),
+                   help="inference actors, N or MIN,MAX (default: 1); one GPU each when GPUs exist")
+    p.add_argument("--shard-size", type=_positive, default=64,
+                   help="images per committed shard: the unit of resume (default: 64)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="inference precision (default: auto = bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--threshold", type=_fraction, default=0.5,
+                   help="minimum class score for a query to become a segment (default: 0.5)")
+    p.add_argument("--mask-threshold", type=_fraction, default=0.5,
+                   help="mask probability above which a pixel belongs to a query's mask (default: 0.5)")
+    p.add_argument("--overlap-mask-area-threshold", type=_fraction, default=0.8,
+                   help="minimum visible/total area ratio for a query's mask to be kept (default: 0.8)")
+    p.add_argument("--label-ids-to-fuse", type=_id_set, default=frozenset(),
+                   help="comma-separated label ids whose instances merge into one segment (e.g. stuff classes)")
+    p.add_argument("--limit", type=_positive, help="process at most this many inputs (in listing order)")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        input=args.input, output=args.output, model=args.model, label_map=args.label_map, dtype=args.dtype,
+        limit=args.limit,
+        postprocess=PostprocessConfig(args.threshold, args.mask_threshold, args.overlap_mask_area_threshold,
+                                      args.label_ids_to_fuse),
+        execution=ExecutionConfig(batch_size=args.batch_size, concurrency=args.concurrency,
+                                  shard_size=args.shard_size),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    config = config_from_args(parse_args(argv))
+    try:
+        run(config)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable output, unreachable storage
+        print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Failures of one image are values: an error row, never an exception that escapes a batch."""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+# Stages an image can fail in, as written to tables/errors.
+READ, DECODE, PREPROCESS, INFER, WRITE = "read", "decode", "preprocess", "infer", "write"
+
+
+class ImageFailure(Exception):
+    """One image cannot be processed: `stage` and `error_type` go to the errors table."""
+
+    def __init__(self, stage: str, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.error_type = error_type
+        self.message = message
+
+
+def as_failure(stage: str, exc: BaseException) -> ImageFailure:
+    """Any exception raised while handling one image, as a failure of that stage."""
+    if isinstance(exc, ImageFailure):
+        return exc
+    return ImageFailure(stage, type(exc).__name__, str(exc)[:500] or type(exc).__name__)
+
+
+def attempt(stage: str, fn: Callable[[], T]) -> T:
+    """Run `fn`; re-raise whatever it raises as an `ImageFailure` of `stage`."""
+    try:
+        return fn()
+    except Exception as exc:  # one image's problem, whatever it is, must not stop the batch
+        raise as_failure(stage, exc) from exc

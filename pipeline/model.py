@@ -1,0 +1,139 @@
+"""Load a universal-segmentation checkpoint: a hub id, a local directory or an fsspec URL.
+
+Every source is first made a local directory (hub snapshot, or a copy of the remote directory
+cached once per node), then loaded with `from_pretrained` from there: safetensors only, never
+remote code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("maskformer", "mask2former")
+BUNDLED = "bundled"  # the trained checkpoint shipped in the package, found on every node
+BUNDLED_DIR = Path(__file__).parent / "data" / "model"
+_FILES = ("*.json", "*.safetensors")
+
+
+class ModelError(ValueError):
+    """The checkpoint cannot be used; the message says why, for the user."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the checkpoint lives: a local path, an fsspec URL (s3://...) or a hub id."""
+
+    uri: str
+
+    @property
+    def is_remote_dir(self) -> bool:
+        return "://" in self.uri and not self.uri.startswith("file://")
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("PANOPTIC_MODEL_CACHE", Path.home() / ".cache" / "panoptic-pipeline" / "models"))
+
+
+def _copy_remote_dir(uri: str) -> Path:
+    """Copy a remote checkpoint directory into the node's cache once; atomic by rename."""
+    import fsspec
+
+    target = _cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if target.is_dir():
+        return target
+    fs, root = fsspec.core.url_to_fs(uri)
+    try:
+        names = [p for p in fs.ls(root, detail=False) if p.endswith((".json", ".safetensors", ".bin"))]
+    except FileNotFoundError as exc:
+        raise ModelError(f"model directory {uri} does not exist") from exc
+    if not names:
+        raise ModelError(f"model directory {uri} holds no checkpoint files")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    for name in names:
+        fs.get(name, str(staging / Path(name).name))
+    try:
+        staging.rename(target)
+    except OSError:  # another worker on this node finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(_FILES)))
+    except Exception as exc:  # offline, unknown repo, gated: all are "cannot use this model"
+        raise ModelError(f"cannot fetch model {repo_id!r} from the Hugging Face hub: {exc.__class__.__name__}") from exc
+
+
+@lru_cache(maxsize=8)
+def local_dir(source: ModelSource) -> Path:
+    """The checkpoint as a local directory on this node, checked to hold config + safetensors
+    weights. Cached per process, so every task on a node resolves (and copies) it once."""
+    path = BUNDLED_DIR if source.uri == BUNDLED else Path(source.uri.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        directory = path
+    elif source.is_remote_dir:
+        directory = _copy_remote_dir(source.uri)
+    elif path.exists() or source.uri.startswith((".", "/", "~")):
+        raise ModelError(f"model {source.uri!r} is not a checkpoint directory")
+    else:
+        directory = _hub_snapshot(source.uri)
+    if not (directory / "config.json").is_file():
+        raise ModelError(f"model {source.uri!r} has no config.json")
+    if not any(directory.glob("*.safetensors")):
+        pickled = any(directory.glob("*.bin"))
+        raise ModelError(
+            f"model {source.uri!r} has no safetensors weights"
+            + (" (only pickle .bin files, which are refused: convert them to safetensors)" if pickled else "")
+        )
+    return directory
+
+
+def weights_digest(directory: Path) -> str:
+    """A short digest of the weights, so outputs record exactly which model made them."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.safetensors")):
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=4)
+def load_processor(directory: Path) -> Any:
+    """The checkpoint's image processor (cached per process: CPU tasks reuse it)."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(directory, trust_remote_code=False)
+
+
+def load_config(directory: Path) -> Any:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"model type {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    return config
+
+
+def load_model(directory: Path, device: str) -> Any:
+    """The model in eval mode on `device`; weights from safetensors only."""
+    from transformers import AutoModelForUniversalSegmentation
+
+    load_config(directory)
+    model = AutoModelForUniversalSegmentation.from_pretrained(
+        directory, use_safetensors=True, trust_remote_code=False
+    )
+    return model.to(device).eval()

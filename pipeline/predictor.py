@@ -1,0 +1,115 @@
+"""Inference: a callable class for Ray Data's `map_batches` (loads the model once per actor).
+
+Per batch: pad the resized uint8 images into one tensor, normalise on the device, forward,
+post-process on the device, and return only the segment-id maps and segment records.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import PostprocessConfig
+from pipeline.encode import smallest_id_dtype
+from pipeline.failures import INFER
+from pipeline.model import ModelSource, load_model, load_processor, local_dir
+from pipeline.postprocess import panoptic_segmentation
+from pipeline.results import PanopticResult
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    model: str  # checkpoint URI; each node resolves it to its local copy
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"
+    postprocess: PostprocessConfig = PostprocessConfig()
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def resolved(self) -> tuple[str, torch.dtype]:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        dtype = ("bfloat16" if device.startswith("cuda") else "float32") if self.dtype == "auto" else self.dtype
+        return device, DTYPES[dtype]
+
+
+def pad_batch(images: list[np.ndarray], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, h_i, w_i) uint8 images -> pixels (B, 3, H, W) uint8 zero-padded bottom/right, and
+    pixel_mask (B, H, W) int64 with 1 on each image's valid region."""
+    height = max(im.shape[1] for im in images)
+    width = max(im.shape[2] for im in images)
+    pixels = torch.zeros((len(images), 3, height, width), dtype=torch.uint8)
+    mask = torch.zeros((len(images), height, width), dtype=torch.int64)
+    for i, image in enumerate(images):
+        pixels[i, :, : image.shape[1], : image.shape[2]] = torch.from_numpy(image)
+        mask[i, : image.shape[1], : image.shape[2]] = 1
+    if device.startswith("cuda"):
+        return pixels.pin_memory().to(device, non_blocking=True), mask.pin_memory().to(device, non_blocking=True)
+    return pixels, mask
+
+
+def normalize(pixels: torch.Tensor, pixel_mask: torch.Tensor, processor: Any) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 normalised as the processor does, padding kept at 0."""
+    values = processor.rescale_and_normalize(
+        pixels, processor.do_rescale, processor.rescale_factor, processor.do_normalize,
+        processor.image_mean, processor.image_std,
+    )
+    return values * pixel_mask[:, None].to(values.dtype)
+
+
+def _segments_json(result: PanopticResult) -> str:
+    return json.dumps([[s.id, s.label_id, round(s.score, 6), s.area, *s.bbox] for s in result.segments])
+
+
+class Predictor:
+    """`map_batches(Predictor, fn_constructor_kwargs={"config": ...}, concurrency=(min, max))`."""
+
+    def __init__(self, config: InferenceConfig) -> None:
+        self.config = config
+        self.device, self.dtype = config.resolved()
+        directory = local_dir(ModelSource(config.model))
+        self.processor = load_processor(directory)
+        self.model = load_model(directory, self.device)
+        self.forward_passes = 0
+
+    def infer(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[PanopticResult]:
+        """Resized (3, h, w) uint8 images + original (H, W) sizes -> one result per image."""
+        pixels, pixel_mask = pad_batch(images, self.device)
+        with torch.inference_mode(), torch.autocast(
+            device_type=self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype != torch.float32
+        ):
+            outputs = self.model(pixel_values=normalize(pixels, pixel_mask, self.processor), pixel_mask=pixel_mask)
+        self.forward_passes += 1
+        masks = outputs.masks_queries_logits.float()
+        padded_h, padded_w = pixels.shape[-2:]
+        valid = [(round(im.shape[1] * masks.shape[-2] / padded_h), round(im.shape[2] * masks.shape[-1] / padded_w))
+                 for im in images]
+        return panoptic_segmentation(outputs.class_queries_logits.float(), masks, valid, sizes,
+                                     self.config.postprocess)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        ids, segments = np.empty(n, dtype=object), np.full(n, "[]", dtype=object)
+        ids[:] = [np.zeros((0, 0), np.uint8)] * n
+        todo = [i for i in range(n) if not batch["error_type"][i]]
+        error_type, error_stage = batch["error_type"].astype(object), batch["error_stage"].astype(object)
+        error_message = batch["error_message"].astype(object)
+        if todo:
+            try:
+                results = self.infer([batch["image"][i] for i in todo],
+                                     [(int(batch["height"][i]), int(batch["width"][i])) for i in todo])
+                for i, result in zip(todo, results):
+                    ids[i], segments[i] = smallest_id_dtype(result.segment_ids), _segments_json(result)
+            except (RuntimeError, ValueError) as exc:  # e.g. out of memory on a huge batch: error rows
+                for i in todo:
+                    error_stage[i], error_type[i], error_message[i] = INFER, type(exc).__name__, str(exc)[:500]
+        return {"key": batch["key"], "uri": batch["uri"], "width": batch["width"], "height": batch["height"],
+                "segment_ids": ids, "segments": segments.astype(str), "error_stage": error_stage.astype(str),
+                "error_type": error_type.astype(str), "error_message": error_message.astype(str)}

@@ -1,0 +1,54 @@
+"""The CPU stage before inference: read bytes, decode, resize. One failed image = one error row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+
+from pipeline.decode import DEFAULT_MAX_PIXELS, decode_image
+from pipeline.failures import READ, ImageFailure, as_failure
+from pipeline.model import ModelSource, load_processor, local_dir
+from pipeline.preprocess import resize_for_model
+
+EMPTY_IMAGE = np.zeros((3, 0, 0), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    model: str  # checkpoint URI; each node resolves it to its local copy
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    storage_options: tuple[tuple[str, str], ...] = ()
+
+
+def read_bytes(uri: str, storage_options: dict) -> bytes:
+    try:
+        with fsspec.open(uri, "rb", **storage_options) as f:
+            return f.read()
+    except Exception as exc:  # missing, denied, network: the image's failure, not the job's
+        raise as_failure(READ, exc) from exc
+
+
+def prepare_one(uri: str, config: PrepareConfig) -> tuple[np.ndarray, int, int]:
+    """Resized (3, h, w) uint8 image for the model, and the original (width, height)."""
+    rgb = decode_image(read_bytes(uri, dict(config.storage_options)), config.max_pixels)
+    resized = resize_for_model(rgb, load_processor(local_dir(ModelSource(config.model))))
+    return resized, rgb.shape[1], rgb.shape[0]
+
+
+def prepare_batch(batch: dict[str, np.ndarray], config: PrepareConfig) -> dict[str, np.ndarray]:
+    """Columns key, uri -> key, uri, image, width, height, error_stage, error_type, error_message."""
+    n = len(batch["key"])
+    images, widths, heights = [], np.zeros(n, np.int32), np.zeros(n, np.int32)
+    stages, types, messages = [""] * n, [""] * n, [""] * n
+    for i, uri in enumerate(batch["uri"]):
+        try:
+            image, widths[i], heights[i] = prepare_one(str(uri), config)
+        except ImageFailure as failure:
+            image, stages[i], types[i], messages[i] = EMPTY_IMAGE, failure.stage, failure.error_type, failure.message
+        images.append(image)
+    column = np.empty(n, dtype=object)
+    column[:] = images
+    return {"key": batch["key"], "uri": batch["uri"], "image": column, "width": widths, "height": heights,
+            "error_stage": np.asarray(stages), "error_type": np.asarray(types), "error_message": np.asarray(messages)}

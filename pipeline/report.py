@@ -1,0 +1,68 @@
+"""report.json: what this run did and what the whole output now holds."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from pipeline.coco import DatasetTotals
+from pipeline.labels import Category
+from pipeline.shards import ERRORS_DIR, iter_committed
+from pipeline.storage import OutputStore
+
+REPORT_JSON = "report.json"
+
+
+@dataclass
+class RunCounts:
+    """Counted by the driver as shard results stream in."""
+
+    listed: int = 0  # inputs found under --input (after --limit)
+    already_done: int = 0  # skipped: committed by an earlier run
+    ok: int = 0
+    failed: int = 0
+    wall_seconds: float = 0.0
+    error_types: Counter = field(default_factory=Counter)
+
+    @property
+    def processed(self) -> int:
+        return self.ok + self.failed
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+
+def _dataset_errors(store: OutputStore) -> Counter:
+    errors: Counter = Counter()
+    for table in iter_committed(store, ERRORS_DIR, columns=["error_type"]):
+        errors.update(table.column("error_type").to_pylist())
+    return errors
+
+
+def build_report(run: RunCounts, totals: DatasetTotals, store: OutputStore, categories: Sequence[Category],
+                 settings: dict) -> dict:
+    names = {c.id: c.name for c in categories}
+    errors = _dataset_errors(store)
+    return {
+        "run": {
+            "run_id": settings["run_id"],
+            "listed": run.listed, "already_done": run.already_done, "processed": run.processed,
+            "ok": run.ok, "failed": run.failed, "wall_seconds": round(run.wall_seconds, 3),
+            "images_per_second": round(run.images_per_second, 3),
+            "error_types": dict(run.error_types.most_common()),
+        },
+        "dataset": {
+            "images": totals.images, "errors": sum(errors.values()),
+            "error_types": dict(errors.most_common()),
+            "segments_per_category": {names.get(k, str(k)): v for k, v in sorted(totals.segments.items())},
+            "pixels_per_category": {names.get(k, str(k)): v for k, v in sorted(totals.pixels.items())},
+        },
+        "settings": settings,
+    }
+
+
+def write_report(store: OutputStore, report: dict) -> None:
+    store.write_bytes(REPORT_JSON, json.dumps(report, indent=2).encode())

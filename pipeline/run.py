@@ -1,0 +1,151 @@
+"""The one module that knows Ray: wires the stages into a Ray Data plan and drives it.
+
+list (driver) -> prepare (CPU tasks) -> Predictor (actor pool) -> write_shard (CPU tasks)
+-> rebuild coco/panoptic.json + report.json from all committed shards (driver).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import pyarrow as pa
+
+from pipeline.coco import write_panoptic_json
+from pipeline.config import PostprocessConfig
+from pipeline.labels import load_categories
+from pipeline.listing import InputError, iter_inputs
+from pipeline.model import BUNDLED, ModelSource, load_config, local_dir, weights_digest
+from pipeline.prepare import PrepareConfig
+from pipeline.report import RunCounts, build_report, write_report
+from pipeline.shards import RunMeta, committed_keys, remove_uncommitted
+from pipeline.storage import OutputStore
+
+log = logging.getLogger(__name__)
+LIST_BLOCK_ROWS = 16  # rows per listed block: the unit of parallel read + decode
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    batch_size: int = 8  # images per forward pass
+    concurrency: tuple[int, int] = (1, 1)  # (min, max) inference actors
+    shard_size: int = 64  # images per committed shard
+    prepare_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        low, high = self.concurrency
+        if self.batch_size < 1 or self.shard_size < 1 or not 1 <= low <= high:
+            raise ValueError("batch size and shard size must be >= 1, and concurrency 1 <= min <= max")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    input: str
+    output: str
+    model: str = BUNDLED
+    label_map: str | None = None
+    dtype: str = "auto"
+    limit: int | None = None
+    postprocess: PostprocessConfig = PostprocessConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+    storage_options: dict = field(default_factory=dict, hash=False)
+
+
+def _pending_blocks(config: RunConfig, done: set[str], counts: RunCounts) -> list[pa.Table]:
+    """(key, uri) blocks of the inputs not yet committed; keys de-duplicated."""
+    blocks, keys, uris, seen = [], [], [], set()
+    for key, uri in iter_inputs(config.input, config.storage_options):
+        if key in seen:
+            continue
+        seen.add(key)
+        counts.listed += 1
+        if key in done:
+            counts.already_done += 1
+        else:
+            keys.append(key)
+            uris.append(uri)
+            if len(keys) == LIST_BLOCK_ROWS:
+                blocks.append(pa.table({"key": keys, "uri": uris}))
+                keys, uris = [], []
+        if config.limit is not None and counts.listed >= config.limit:
+            break
+    if keys:
+        blocks.append(pa.table({"key": keys, "uri": uris}))
+    if counts.listed == 0:
+        raise InputError(f"no images found under {config.input}")
+    return blocks
+
+
+def _plan(blocks: list[pa.Table], config: RunConfig, model_uri: str, store: OutputStore, categories, meta: RunMeta):
+    import ray
+    import torch
+
+    from pipeline.predictor import InferenceConfig, Predictor
+    from pipeline.prepare import prepare_batch
+    from pipeline.shards import write_shard
+
+    execution = config.execution
+    on_gpu = torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU"))
+    prepare = PrepareConfig(model=model_uri, storage_options=tuple(config.storage_options.items()))
+    inference = InferenceConfig(model=model_uri, dtype=config.dtype, postprocess=config.postprocess)
+    return (
+        ray.data.from_arrow(blocks)
+        .map_batches(prepare_batch, fn_kwargs={"config": prepare}, batch_size=None, num_cpus=execution.prepare_cpus)
+        .map_batches(Predictor, fn_constructor_kwargs={"config": inference}, batch_size=execution.batch_size,
+                     concurrency=execution.concurrency, num_gpus=1 if on_gpu else 0, num_cpus=1)
+        .map_batches(write_shard, fn_kwargs={"store": store, "categories": categories, "meta": meta},
+                     batch_size=execution.shard_size, num_cpus=0.5)
+    )
+
+
+def _drive(results: Iterator[dict], counts: RunCounts, total: int, progress: Callable[[str], None],
+           every_seconds: float = 5.0) -> None:
+    start = last = time.monotonic()
+    for batch in results:
+        ok = int(batch["ok"].sum())
+        counts.ok += ok
+        counts.failed += len(batch["ok"]) - ok
+        now = time.monotonic()
+        if now - last >= every_seconds:
+            last = now
+            rate = counts.processed / (now - start)
+            progress(f"progress: {counts.processed}/{total} images, {rate:.2f} images/s, {counts.failed} errors")
+
+
+def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
+    """Segment every not-yet-committed input; rebuild COCO JSON and report.json. Returns the report."""
+    started = time.monotonic()
+    store = OutputStore(config.output, config.storage_options)
+    store.check_writable()
+    model_dir = local_dir(ModelSource(config.model))
+    model_config = load_config(model_dir)
+    categories = load_categories(model_config.id2label, model_dir, config.label_map)
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    settings = {"run_id": run_id, "input": config.input, "model": config.model,
+                "model_digest": weights_digest(model_dir), "dtype": config.dtype,
+                "postprocess": {**asdict(config.postprocess),
+                                "label_ids_to_fuse": sorted(config.postprocess.label_ids_to_fuse)},
+                "execution": asdict(config.execution)}
+
+    remove_uncommitted(store)
+    counts = RunCounts()
+    blocks = _pending_blocks(config, committed_keys(store), counts)
+    pending = sum(b.num_rows for b in blocks)
+    progress(f"{counts.listed} images listed, {counts.already_done} already done, {pending} to segment")
+    if blocks:
+        import ray
+
+        ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+        meta = RunMeta(run_id=run_id, model=config.model)
+        dataset = _plan(blocks, config, config.model, store, categories, meta)
+        _drive(dataset.iter_batches(batch_size=None, batch_format="numpy"), counts, pending, progress)
+    totals = write_panoptic_json(store, categories)
+    counts.wall_seconds = time.monotonic() - started
+    report = build_report(counts, totals, store, categories, settings)
+    write_report(store, report)
+    progress(f"done: {counts.ok} segmented, {counts.failed} failed, {counts.already_done} already done, "
+             f"{counts.images_per_second:.2f} images/s; outputs under {config.output}")
+    return report

@@ -1,0 +1,111 @@
+"""Write one shard of results and commit it.
+
+A shard is one batch of the write stage. Its outputs are written in this order:
+  1. panoptic/<key>.png for every segmented image (named by key: a redo overwrites),
+  2. tables/errors/<shard>.parquet (if any image failed),
+  3. tables/images/<shard>.parquet: the commit record. A shard is committed when, and only
+     when, this file exists; it is written last and atomically.
+An errors part without its images part belongs to a shard that was cut off: it is ignored and
+removed at the next start, and its keys are redone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.encode import panoptic_png
+from pipeline.labels import Category
+from pipeline.storage import OutputStore
+from schemas import tables
+
+IMAGES_DIR = "tables/images"
+ERRORS_DIR = "tables/errors"
+PANOPTIC_DIR = "panoptic"
+PART_SUFFIX = ".parquet"
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    run_id: str
+    model: str
+
+
+def panoptic_png_path(key: str) -> str:
+    return f"{PANOPTIC_DIR}/{key}.png"
+
+
+def _parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def _segment_rows(segments_json: str, categories: Sequence[Category]) -> list[dict]:
+    rows = []
+    for seg_id, label_id, score, area, x, y, w, h in json.loads(segments_json):
+        category = categories[int(label_id)]
+        rows.append({"id": int(seg_id), "category_id": category.id, "label": category.name,
+                     "isthing": category.isthing, "score": float(score), "area": int(area),
+                     "bbox": [int(x), int(y), int(w), int(h)]})
+    return rows
+
+
+def write_shard(batch: dict[str, np.ndarray], store: OutputStore, categories: Sequence[Category],
+                meta: RunMeta) -> dict[str, np.ndarray]:
+    """Write and commit one shard; returns per-image status (key, ok) for progress."""
+    images, errors = [], []
+    for i, key in enumerate(batch["key"]):
+        row = {"key": str(key), "uri": str(batch["uri"][i]), "run_id": meta.run_id}
+        if batch["error_type"][i]:
+            errors.append(row | {"stage": str(batch["error_stage"][i]), "error_type": str(batch["error_type"][i]),
+                                 "message": str(batch["error_message"][i])})
+            continue
+        png = panoptic_png_path(row["key"])
+        store.write_bytes(png, panoptic_png(np.asarray(batch["segment_ids"][i])))
+        images.append(row | {"width": int(batch["width"][i]), "height": int(batch["height"][i]),
+                             "panoptic_png": png, "model": meta.model,
+                             "segments": _segment_rows(str(batch["segments"][i]), categories)})
+    shard = uuid.uuid4().hex
+    if errors:
+        store.write_bytes(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))
+    store.write_bytes(f"{IMAGES_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(images, tables.IMAGES))
+    return {"key": np.asarray(batch["key"]), "ok": np.asarray([not e for e in batch["error_type"]], dtype=bool)}
+
+
+def committed_parts(store: OutputStore) -> list[str]:
+    """Names of committed shards' parts (the same name under images/ and errors/)."""
+    return store.list(IMAGES_DIR, PART_SUFFIX)
+
+
+def remove_uncommitted(store: OutputStore) -> int:
+    """Delete errors parts of shards that never committed; returns how many."""
+    committed = set(committed_parts(store))
+    orphans = [n for n in store.list(ERRORS_DIR, PART_SUFFIX) if n not in committed]
+    for name in orphans:
+        store.delete(f"{ERRORS_DIR}/{name}")
+    return len(orphans)
+
+
+def iter_committed(store: OutputStore, directory: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Each committed part of `directory` (IMAGES_DIR or ERRORS_DIR) as a table."""
+    committed = set(committed_parts(store))
+    for name in store.list(directory, PART_SUFFIX):
+        if name in committed:
+            yield pq.read_table(io.BytesIO(store.read_bytes(f"{directory}/{name}")), columns=columns)
+
+
+def committed_keys(store: OutputStore) -> set[str]:
+    """Every key whose result (segments or error) is committed."""
+    keys: set[str] = set()
+    for directory in (IMAGES_DIR, ERRORS_DIR):
+        for table in iter_committed(store, directory, columns=["key"]):
+            keys.update(table.column("key").to_pylist())
+    return keys

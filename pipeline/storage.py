@@ -1,0 +1,103 @@
+"""The output prefix as a small file-system facade: atomic writes, reads and listings.
+
+Local outputs are written to a temporary name and renamed; object stores get a single PUT,
+which is atomic there. Either way a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import IO, Iterator
+
+import fsspec
+
+
+@dataclass(frozen=True)
+class OutputStore:
+    """Files under one output root (a local path or an fsspec URL)."""
+
+    root: str
+    storage_options: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.core.url_to_fs(self.root, **self.storage_options)[0]
+
+    @property
+    def _base(self) -> str:
+        return fsspec.core.url_to_fs(self.root, **self.storage_options)[1].rstrip("/")
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def path(self, relative: str) -> str:
+        return f"{self._base}/{relative}"
+
+    def url(self, relative: str) -> str:
+        return self.root.rstrip("/") + "/" + relative
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        fs, target = self.fs, self.path(relative)
+        if self.is_local:
+            os.makedirs(posixpath.dirname(target), exist_ok=True)
+            temporary = f"{target}.{uuid.uuid4().hex}.tmp"
+            with open(temporary, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, target)
+        else:
+            fs.pipe_file(target, data)
+
+    @contextmanager
+    def open_atomic(self, relative: str) -> Iterator[IO[bytes]]:
+        """A binary stream for a large file that appears whole, or not at all, when closed.
+
+        Object stores publish a (multipart) upload only when it completes; locally we rename.
+        """
+        target = self.path(relative)
+        if not self.is_local:
+            with self.fs.open(target, "wb") as f:
+                yield f
+            return
+        os.makedirs(posixpath.dirname(target), exist_ok=True)
+        temporary = f"{target}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(temporary, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, target)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+    def read_bytes(self, relative: str) -> bytes:
+        return self.fs.cat_file(self.path(relative))
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.exists(self.path(relative))
+
+    def list(self, relative_dir: str, suffix: str = "") -> list[str]:
+        """Names (relative to `relative_dir`) of the files directly in it, sorted."""
+        fs, directory = self.fs, self.path(relative_dir)
+        try:
+            names = fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            return []
+        names = [posixpath.basename(n.rstrip("/")) for n in names]
+        return sorted(n for n in names if n.endswith(suffix) and not n.endswith(".tmp"))
+
+    def delete(self, relative: str) -> None:
+        self.fs.rm(self.path(relative))
+
+    def check_writable(self) -> None:
+        """Write and delete a probe file, so a bad output fails before any work is done."""
+        probe = f"_state/.probe-{uuid.uuid4().hex}"
+        self.write_bytes(probe, b"")
+        self.delete(probe)

@@ -1,0 +1,1 @@
+"""Published output schemas: the writers build their tables from these, tests read them too."""

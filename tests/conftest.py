@@ -1,0 +1,46 @@
+"""Session fixtures: real image files and checkpoints, built once."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SIZES = ((120, 90), (64, 200), (333, 250), (97, 97), (256, 128), (50, 300))
+
+
+def encode_image(array: np.ndarray, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def random_rgb(width: int, height: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), (x + y) % 256], axis=-1)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    """Real JPEG and PNG files of varied sizes and aspect ratios, one in a sub-folder."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "sub dir").mkdir()
+    for i, (w, h) in enumerate(SIZES):
+        fmt, ext = ("JPEG", "jpg") if i % 2 == 0 else ("PNG", "png")
+        folder = root / "sub dir" if i == 5 else root
+        (folder / f"img_{i}.{ext}").write_bytes(encode_image(random_rgb(w, h, i), fmt))
+    (root / "notes.txt").write_text("not an image; ignored by listing")
+    return root
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory) -> Path:
+    """The tiny untrained MaskFormer (real architecture, random weights): for loading tests only."""
+    from pipeline.tiny_model import build
+
+    return build(tmp_path_factory.mktemp("tiny") / "maskformer")
