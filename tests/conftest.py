@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 
 SIZES = ((120, 90), (64, 200), (333, 250), (97, 97), (256, 128), (50, 300))
 

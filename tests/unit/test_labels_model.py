@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from pipeline.labels import LabelMapError, load_categories
+from pipeline.model import ModelError, ModelSource, load_config, load_model, local_dir
+
+
+def test_checkpoint_label_map_is_used(untrained_model):
+    config = load_config(untrained_model)
+    categories = load_categories(config.id2label, untrained_model)
+    assert [c.name for c in categories] == ["sky", "ground", "disc", "box", "wedge"]
+    assert [c.isthing for c in categories] == [False, False, True, True, True]
+    assert [c.id for c in categories] == [1, 2, 3, 4, 5]
+
+
+def test_builtin_coco_map_by_name(tmp_path):
+    categories = load_categories({0: "person", 1: "sky-other-merged"}, tmp_path)
+    assert [(c.id, c.isthing) for c in categories] == [(1, True), (187, False)]
+
+
+def test_unknown_names_fall_back_to_things(tmp_path):
+    categories = load_categories({0: "cell", 1: "nucleus"}, tmp_path)
+    assert [(c.id, c.isthing) for c in categories] == [(1, True), (2, True)]
+
+
+def test_user_label_map_must_cover_every_label(tmp_path):
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"categories": [{"label_id": 0, "id": 7, "name": "a", "isthing": 1}]}))
+    with pytest.raises(LabelMapError, match=r"\[1\]"):
+        load_categories({0: "a", 1: "b"}, tmp_path, str(path))
+
+
+def test_local_mask2former_and_maskformer_load(untrained_model, tmp_path):
+    from pipeline.tiny_model import build
+
+    assert type(load_model(local_dir(ModelSource(str(untrained_model))), "cpu")).__name__ == (
+        "MaskFormerForInstanceSegmentation")
+    m2f = build(tmp_path / "m2f", mask2former=True)
+    assert type(load_model(local_dir(ModelSource(str(m2f))), "cpu")).__name__ == (
+        "Mask2FormerForUniversalSegmentation")
+
+
+def test_pickle_only_checkpoint_is_refused(untrained_model, tmp_path):
+    directory = tmp_path / "pickled"
+    directory.mkdir()
+    (directory / "config.json").write_text((untrained_model / "config.json").read_text())
+    (directory / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ModelError, match="only pickle"):
+        local_dir(ModelSource(str(directory)))
+
+
+def test_missing_and_unknown_models_are_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="not a checkpoint directory"):
+        local_dir(ModelSource(str(tmp_path / "missing")))
+    with pytest.raises(ModelError, match="hub"):
+        local_dir(ModelSource("no-such-org/no-such-model-xyz"))

@@ -1,0 +1,67 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.coco import image_id, write_panoptic_json
+from pipeline.encode import read_panoptic_png
+from pipeline.labels import Category
+from pipeline.shards import RunMeta, committed_keys, remove_uncommitted, write_shard
+from pipeline.storage import OutputStore
+
+CATEGORIES = (Category(0, 1, "sky", False, (0, 0, 255), "stuff"), Category(1, 7, "disc", True, (255, 0, 0), "thing"))
+
+
+def _batch(keys, errors=()):
+    ids = np.zeros((4, 5), np.uint8)
+    ids[:2] = 1
+    ids[3, 3:] = 2
+    n = len(keys)
+    segs = json.dumps([[1, 0, 0.9, 10, 0, 0, 5, 2], [2, 1, 0.8, 2, 3, 3, 2, 1]])
+    column = np.empty(n, dtype=object)
+    column[:] = [ids] * n
+    return {"key": np.asarray(keys), "uri": np.asarray([f"/in/{k}" for k in keys]),
+            "width": np.full(n, 5), "height": np.full(n, 4), "segment_ids": column,
+            "segments": np.asarray([segs] * n),
+            "error_stage": np.asarray(["decode" if k in errors else "" for k in keys]),
+            "error_type": np.asarray(["NotAnImage" if k in errors else "" for k in keys]),
+            "error_message": np.asarray(["bad bytes" if k in errors else "" for k in keys])}
+
+
+def test_shard_writes_pngs_tables_and_commits(tmp_path):
+    store = OutputStore(str(tmp_path))
+    status = write_shard(_batch(["a.jpg", "sub/b.png", "bad.jpg"], errors={"bad.jpg"}), store, CATEGORIES,
+                         RunMeta("run1", "m"))
+    assert status["ok"].tolist() == [True, True, False]
+    assert read_panoptic_png((tmp_path / "panoptic/sub/b.png.png").read_bytes())[3, 4] == 2
+    images = pq.read_table(tmp_path / "tables/images").to_pylist()
+    assert sorted(r["key"] for r in images) == ["a.jpg", "sub/b.png"]
+    assert images[0]["segments"][1] == {"id": 2, "category_id": 7, "label": "disc", "isthing": True,
+                                        "score": np.float32(0.8), "area": 2, "bbox": [3, 3, 2, 1]}
+    errors = pq.read_table(tmp_path / "tables/errors").to_pylist()
+    assert errors == [{"key": "bad.jpg", "uri": "/in/bad.jpg", "stage": "decode", "error_type": "NotAnImage",
+                       "message": "bad bytes", "run_id": "run1"}]
+    assert committed_keys(store) == {"a.jpg", "sub/b.png", "bad.jpg"}
+
+
+def test_errors_part_without_commit_record_is_ignored_and_removed(tmp_path):
+    store = OutputStore(str(tmp_path))
+    write_shard(_batch(["bad.jpg"], errors={"bad.jpg"}), store, CATEGORIES, RunMeta("r", "m"))
+    (images_part,) = (tmp_path / "tables/images").iterdir()
+    images_part.unlink()  # as if killed between the errors part and the commit record
+    assert committed_keys(store) == set()
+    assert remove_uncommitted(store) == 1
+    assert not list((tmp_path / "tables/errors").iterdir())
+
+
+def test_coco_rebuild(tmp_path):
+    store = OutputStore(str(tmp_path))
+    write_shard(_batch(["a.jpg"]), store, CATEGORIES, RunMeta("r", "m"))
+    write_shard(_batch(["b.jpg"]), store, CATEGORIES, RunMeta("r", "m"))
+    totals = write_panoptic_json(store, CATEGORIES)
+    data = json.loads((tmp_path / "coco/panoptic.json").read_text())
+    assert [im["file_name"] for im in sorted(data["images"], key=lambda i: i["file_name"])] == ["a.jpg", "b.jpg"]
+    assert {a["image_id"] for a in data["annotations"]} == {image_id("a.jpg"), image_id("b.jpg")}
+    assert data["annotations"][0]["segments_info"][0]["category_id"] == 1
+    assert [c["id"] for c in data["categories"]] == [1, 7]
+    assert totals.images == 2 and totals.pixels == {1: 20, 7: 4} and totals.segments == {1: 2, 7: 2}
