@@ -21,9 +21,10 @@ from pipeline.config import PostprocessConfig  # noqa: E402
 from pipeline.labels import LabelMapError  # noqa: E402
 from pipeline.listing import InputError  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
+from pipeline.state import SettingsMismatch  # noqa: E402
 from pipeline.run import ExecutionConfig, RunConfig, run  # noqa: E402
 
-USER_ERRORS = (InputError, ModelError, LabelMapError, PermissionError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, PermissionError, FileNotFoundError, NotADirectoryError)
 
 
 def _concurrency(text: str) -> tuple[int, int]:
@@ -83,13 +84,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-ids-to-fuse", type=_id_set, default=frozenset(),
                    help="comma-separated label ids whose instances merge into one segment (e.g. stuff classes)")
     p.add_argument("--limit", type=_positive, help="process at most this many inputs (in listing order)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an existing output first; needed to change model or parameters on it")
     return p.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         input=args.input, output=args.output, model=args.model, label_map=args.label_map, dtype=args.dtype,
-        limit=args.limit,
+        limit=args.limit, overwrite=args.overwrite,
         postprocess=PostprocessConfig(args.threshold, args.mask_threshold, args.overlap_mask_area_threshold,
                                       args.label_ids_to_fuse),
         execution=ExecutionConfig(batch_size=args.batch_size, concurrency=args.concurrency,

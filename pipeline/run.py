@@ -22,6 +22,7 @@ from pipeline.model import BUNDLED, ModelSource, load_config, local_dir, weights
 from pipeline.prepare import PrepareConfig
 from pipeline.report import RunCounts, build_report, write_report
 from pipeline.shards import RunMeta, committed_keys, remove_uncommitted
+from pipeline.state import check_settings, clear_outputs, record_run
 from pipeline.storage import OutputStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class RunConfig:
     label_map: str | None = None
     dtype: str = "auto"
     limit: int | None = None
+    overwrite: bool = False  # delete an existing output first (e.g. to change model)
     postprocess: PostprocessConfig = PostprocessConfig()
     execution: ExecutionConfig = ExecutionConfig()
     storage_options: dict = field(default_factory=dict, hash=False)
@@ -115,20 +117,26 @@ def _drive(results: Iterator[dict], counts: RunCounts, total: int, progress: Cal
             progress(f"progress: {counts.processed}/{total} images, {rate:.2f} images/s, {counts.failed} errors")
 
 
+def _settings(config: RunConfig, model_dir, categories) -> dict:
+    """What changes results: recorded with the output, compared on every later run."""
+    return {"model": config.model, "model_digest": weights_digest(model_dir),
+            "categories": [c.coco() | {"label_id": c.label_id} for c in categories], "dtype": config.dtype,
+            "postprocess": {**asdict(config.postprocess),
+                            "label_ids_to_fuse": sorted(config.postprocess.label_ids_to_fuse)}}
+
+
 def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     """Segment every not-yet-committed input; rebuild COCO JSON and report.json. Returns the report."""
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     store = OutputStore(config.output, config.storage_options)
     store.check_writable()
     model_dir = local_dir(ModelSource(config.model))
-    model_config = load_config(model_dir)
-    categories = load_categories(model_config.id2label, model_dir, config.label_map)
+    categories = load_categories(load_config(model_dir).id2label, model_dir, config.label_map)
+    if config.overwrite:
+        clear_outputs(store)
+    settings = _settings(config, model_dir, categories)
+    check_settings(store, settings)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-    settings = {"run_id": run_id, "input": config.input, "model": config.model,
-                "model_digest": weights_digest(model_dir), "dtype": config.dtype,
-                "postprocess": {**asdict(config.postprocess),
-                                "label_ids_to_fuse": sorted(config.postprocess.label_ids_to_fuse)},
-                "execution": asdict(config.execution)}
 
     remove_uncommitted(store)
     counts = RunCounts()
@@ -139,13 +147,16 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
         import ray
 
         ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-        meta = RunMeta(run_id=run_id, model=config.model)
-        dataset = _plan(blocks, config, config.model, store, categories, meta)
+        dataset = _plan(blocks, config, config.model, store, categories, RunMeta(run_id=run_id, model=config.model))
         _drive(dataset.iter_batches(batch_size=None, batch_format="numpy"), counts, pending, progress)
     totals = write_panoptic_json(store, categories)
     counts.wall_seconds = time.monotonic() - started
-    report = build_report(counts, totals, store, categories, settings)
+    record = {"run_id": run_id, "started": started_at, "input": config.input,
+              "execution": asdict(config.execution), **settings}
+    report = build_report(counts, totals, store, categories, record)
     write_report(store, report)
+    record_run(store, record | {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "counts": report["run"]})
     progress(f"done: {counts.ok} segmented, {counts.failed} failed, {counts.already_done} already done, "
              f"{counts.images_per_second:.2f} images/s; outputs under {config.output}")
     return report
