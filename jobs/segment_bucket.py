@@ -22,6 +22,7 @@ from pipeline.labels import LabelMapError  # noqa: E402
 from pipeline.listing import InputError  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
 from pipeline.state import SettingsMismatch  # noqa: E402
+from pipeline.remote import StorageConfig  # noqa: E402
 from pipeline.run import ExecutionConfig, RunConfig, run  # noqa: E402
 
 USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, PermissionError, FileNotFoundError, NotADirectoryError)
@@ -68,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "directory, or an s3:// directory; safetensors only (default: the bundled model)")
     p.add_argument("--label-map", help="JSON label map giving isthing/COCO id/colour per model label "
                                        "(default: the checkpoint's label_map.json, else the COCO panoptic map)")
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3-compatible endpoint for s3:// URLs (default: AWS, or $AWS_ENDPOINT_URL)")
+    p.add_argument("--anonymous", action="store_true",
+                   help="read s3:// input without credentials (public buckets)")
     p.add_argument("--batch-size", type=_positive, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--concurrency", type=_concurrency, default=(1, 1),
                    help="inference actors, N or MIN,MAX (default: 1); one GPU each when GPUs exist")
@@ -93,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         input=args.input, output=args.output, model=args.model, label_map=args.label_map, dtype=args.dtype,
         limit=args.limit, overwrite=args.overwrite,
+        storage=StorageConfig(endpoint_url=args.endpoint_url, anonymous=args.anonymous),
         postprocess=PostprocessConfig(args.threshold, args.mask_threshold, args.overlap_mask_area_threshold,
                                       args.label_ids_to_fuse),
         execution=ExecutionConfig(batch_size=args.batch_size, concurrency=args.concurrency,

@@ -74,13 +74,14 @@ def _check(categories: list[Category], id2label: Mapping[int, str], source: str)
     return chosen
 
 
-def load_categories(id2label: Mapping[int, str], model_dir: Path, label_map: str | None = None) -> tuple[Category, ...]:
+def load_categories(id2label: Mapping[int, str], model_dir: Path, label_map: str | None = None,
+                    storage_options: dict | None = None) -> tuple[Category, ...]:
     """Categories for every model label id, ordered by label id."""
     id2label = {int(k): v for k, v in id2label.items()}
     if label_map is not None:
         import fsspec
 
-        with fsspec.open(label_map, "rt") as f:
+        with fsspec.open(label_map, "rt", **(storage_options or {})) as f:
             return _check(_parse(f.read(), label_map), id2label, label_map)
     local = model_dir / LABEL_MAP_FILE
     if local.is_file():

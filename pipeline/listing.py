@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 import fsspec
 
+from pipeline.remote import StorageConfig
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".pbm", ".pgm", ".ppm"}
 )
@@ -79,10 +81,10 @@ def _manifest_key(uri: str) -> str:
     return safe_key(relative.lstrip("/"))
 
 
-def iter_inputs(input_uri: str, storage_options: dict | None = None) -> Iterator[tuple[str, str]]:
+def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig()) -> Iterator[tuple[str, str]]:
     """Yield (key, uri) for every image under `input_uri`, or listed in it if it is a manifest."""
     try:
-        fs, root = fsspec.core.url_to_fs(input_uri, **(storage_options or {}))
+        fs, root = fsspec.core.url_to_fs(input_uri, **storage.options(input_uri))
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         if root.lower().endswith(MANIFEST_EXTENSIONS) and fs.isfile(root):
             for uri in _manifest_uris(fs, root):

@@ -16,6 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from pipeline.remote import StorageConfig
+
 SUPPORTED_MODEL_TYPES = ("maskformer", "mask2former")
 BUNDLED = "bundled"  # the trained checkpoint shipped in the package, found on every node
 BUNDLED_DIR = Path(__file__).parent / "data" / "model"
@@ -31,6 +33,7 @@ class ModelSource:
     """Where the checkpoint lives: a local path, an fsspec URL (s3://...) or a hub id."""
 
     uri: str
+    storage: StorageConfig = StorageConfig()
 
     @property
     def is_remote_dir(self) -> bool:
@@ -41,14 +44,14 @@ def _cache_root() -> Path:
     return Path(os.environ.get("PANOPTIC_MODEL_CACHE", Path.home() / ".cache" / "panoptic-pipeline" / "models"))
 
 
-def _copy_remote_dir(uri: str) -> Path:
+def _copy_remote_dir(uri: str, storage: StorageConfig) -> Path:
     """Copy a remote checkpoint directory into the node's cache once; atomic by rename."""
     import fsspec
 
     target = _cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if target.is_dir():
         return target
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = fsspec.core.url_to_fs(uri, **storage.options(uri))
     try:
         names = [p for p in fs.ls(root, detail=False) if p.endswith((".json", ".safetensors", ".bin"))]
     except FileNotFoundError as exc:
@@ -83,7 +86,7 @@ def local_dir(source: ModelSource) -> Path:
     if path.is_dir():
         directory = path
     elif source.is_remote_dir:
-        directory = _copy_remote_dir(source.uri)
+        directory = _copy_remote_dir(source.uri, source.storage)
     elif path.exists() or source.uri.startswith((".", "/", "~")):
         raise ModelError(f"model {source.uri!r} is not a checkpoint directory")
     else:

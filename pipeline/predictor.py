@@ -18,6 +18,7 @@ from pipeline.encode import smallest_id_dtype
 from pipeline.failures import INFER
 from pipeline.model import ModelSource, load_model, load_processor, local_dir
 from pipeline.postprocess import panoptic_segmentation
+from pipeline.remote import StorageConfig
 from pipeline.results import PanopticResult
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,6 +30,7 @@ class InferenceConfig:
     dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
     device: str = "auto"
     postprocess: PostprocessConfig = PostprocessConfig()
+    storage: StorageConfig = StorageConfig()
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -74,7 +76,7 @@ class Predictor:
     def __init__(self, config: InferenceConfig) -> None:
         self.config = config
         self.device, self.dtype = config.resolved()
-        directory = local_dir(ModelSource(config.model))
+        directory = local_dir(ModelSource(config.model, config.storage))
         self.processor = load_processor(directory)
         self.model = load_model(directory, self.device)
         self.forward_passes = 0

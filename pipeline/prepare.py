@@ -11,6 +11,7 @@ from pipeline.decode import DEFAULT_MAX_PIXELS, decode_image
 from pipeline.failures import READ, ImageFailure, as_failure
 from pipeline.model import ModelSource, load_processor, local_dir
 from pipeline.preprocess import resize_for_model
+from pipeline.remote import StorageConfig
 
 EMPTY_IMAGE = np.zeros((3, 0, 0), dtype=np.uint8)
 
@@ -19,12 +20,12 @@ EMPTY_IMAGE = np.zeros((3, 0, 0), dtype=np.uint8)
 class PrepareConfig:
     model: str  # checkpoint URI; each node resolves it to its local copy
     max_pixels: int = DEFAULT_MAX_PIXELS
-    storage_options: tuple[tuple[str, str], ...] = ()
+    storage: StorageConfig = StorageConfig()
 
 
-def read_bytes(uri: str, storage_options: dict) -> bytes:
+def read_bytes(uri: str, storage: StorageConfig) -> bytes:
     try:
-        with fsspec.open(uri, "rb", **storage_options) as f:
+        with fsspec.open(uri, "rb", **storage.options(uri)) as f:
             return f.read()
     except Exception as exc:  # missing, denied, network: the image's failure, not the job's
         raise as_failure(READ, exc) from exc
@@ -32,8 +33,8 @@ def read_bytes(uri: str, storage_options: dict) -> bytes:
 
 def prepare_one(uri: str, config: PrepareConfig) -> tuple[np.ndarray, int, int]:
     """Resized (3, h, w) uint8 image for the model, and the original (width, height)."""
-    rgb = decode_image(read_bytes(uri, dict(config.storage_options)), config.max_pixels)
-    resized = resize_for_model(rgb, load_processor(local_dir(ModelSource(config.model))))
+    rgb = decode_image(read_bytes(uri, config.storage), config.max_pixels)
+    resized = resize_for_model(rgb, load_processor(local_dir(ModelSource(config.model, config.storage))))
     return resized, rgb.shape[1], rgb.shape[0]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import pyarrow as pa
@@ -20,6 +20,7 @@ from pipeline.labels import load_categories
 from pipeline.listing import InputError, iter_inputs
 from pipeline.model import BUNDLED, ModelSource, load_config, local_dir, weights_digest
 from pipeline.prepare import PrepareConfig
+from pipeline.remote import StorageConfig
 from pipeline.report import RunCounts, build_report, write_report
 from pipeline.shards import RunMeta, committed_keys, remove_uncommitted
 from pipeline.state import check_settings, clear_outputs, record_run
@@ -53,13 +54,13 @@ class RunConfig:
     overwrite: bool = False  # delete an existing output first (e.g. to change model)
     postprocess: PostprocessConfig = PostprocessConfig()
     execution: ExecutionConfig = ExecutionConfig()
-    storage_options: dict = field(default_factory=dict, hash=False)
+    storage: StorageConfig = StorageConfig()
 
 
 def _pending_blocks(config: RunConfig, done: set[str], counts: RunCounts) -> list[pa.Table]:
     """(key, uri) blocks of the inputs not yet committed; keys de-duplicated."""
     blocks, keys, uris, seen = [], [], [], set()
-    for key, uri in iter_inputs(config.input, config.storage_options):
+    for key, uri in iter_inputs(config.input, config.storage):
         if key in seen:
             continue
         seen.add(key)
@@ -91,8 +92,9 @@ def _plan(blocks: list[pa.Table], config: RunConfig, model_uri: str, store: Outp
 
     execution = config.execution
     on_gpu = torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU"))
-    prepare = PrepareConfig(model=model_uri, storage_options=tuple(config.storage_options.items()))
-    inference = InferenceConfig(model=model_uri, dtype=config.dtype, postprocess=config.postprocess)
+    prepare = PrepareConfig(model=model_uri, storage=config.storage)
+    inference = InferenceConfig(model=model_uri, dtype=config.dtype, postprocess=config.postprocess,
+                                storage=config.storage)
     return (
         ray.data.from_arrow(blocks)
         .map_batches(prepare_batch, fn_kwargs={"config": prepare}, batch_size=None, num_cpus=execution.prepare_cpus)
@@ -128,10 +130,11 @@ def _settings(config: RunConfig, model_dir, categories) -> dict:
 def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     """Segment every not-yet-committed input; rebuild COCO JSON and report.json. Returns the report."""
     started, started_at = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    store = OutputStore(config.output, config.storage_options)
+    store = OutputStore(config.output, config.storage)
     store.check_writable()
-    model_dir = local_dir(ModelSource(config.model))
-    categories = load_categories(load_config(model_dir).id2label, model_dir, config.label_map)
+    model_dir = local_dir(ModelSource(config.model, config.storage))
+    categories = load_categories(load_config(model_dir).id2label, model_dir, config.label_map,
+                                 config.storage.options(config.label_map or ""))
     if config.overwrite:
         clear_outputs(store)
     settings = _settings(config, model_dir, categories)

@@ -11,25 +11,26 @@ import posixpath
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from pipeline.remote import StorageConfig
 from typing import IO, Iterator
 
 import fsspec
-
 
 @dataclass(frozen=True)
 class OutputStore:
     """Files under one output root (a local path or an fsspec URL)."""
 
     root: str
-    storage_options: dict = field(default_factory=dict, hash=False, compare=False)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        return fsspec.core.url_to_fs(self.root, **self.storage_options)[0]
+        return fsspec.core.url_to_fs(self.root, **self.storage.options(self.root, write=True))[0]
 
     @property
     def _base(self) -> str:
-        return fsspec.core.url_to_fs(self.root, **self.storage_options)[1].rstrip("/")
+        return fsspec.core.url_to_fs(self.root, **self.storage.options(self.root, write=True))[1].rstrip("/")
 
     @property
     def is_local(self) -> bool:
@@ -86,6 +87,7 @@ class OutputStore:
     def list(self, relative_dir: str, suffix: str = "") -> list[str]:
         """Names (relative to `relative_dir`) of the files directly in it, sorted."""
         fs, directory = self.fs, self.path(relative_dir)
+        fs.invalidate_cache(directory)  # other processes write here: never trust a cached listing
         try:
             names = fs.ls(directory, detail=False)
         except FileNotFoundError:
