@@ -22,10 +22,24 @@ from pipeline.labels import LabelMapError  # noqa: E402
 from pipeline.listing import InputError  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
 from pipeline.state import SettingsMismatch  # noqa: E402
-from pipeline.remote import StorageConfig  # noqa: E402
+from pipeline.remote import StorageConfig, redact, storage_error_message  # noqa: E402
 from pipeline.run import ExecutionConfig, RunConfig, run  # noqa: E402
 
-USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, PermissionError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch)
+
+
+def user_error_message(exc: Exception) -> str | None:
+    """One line for a mistake the user can fix (bad input, model, storage); None for a bug."""
+    if isinstance(exc, USER_ERRORS):
+        return str(exc)
+    storage = storage_error_message(exc)
+    if storage is not None:
+        return storage
+    if isinstance(exc, FileNotFoundError):
+        return f"does not exist: {exc}"
+    if isinstance(exc, OSError):  # unwritable output, full disk, read-only file system
+        return f"{exc.__class__.__name__}: {exc}"
+    return None
 
 
 def _concurrency(text: str) -> tuple[int, int]:
@@ -109,14 +123,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     config = config_from_args(parse_args(argv))
     try:
         run(config)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # unwritable output, unreachable storage
-        print(f"error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        print(f"error: {redact(message)}", file=sys.stderr)
         return 2
     return 0
 

@@ -91,7 +91,7 @@ def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig()) -> Ite
                 yield _manifest_key(uri), uri
             return
         if not fs.isdir(root):
-            raise InputError(f"input {input_uri} does not exist or is not a folder or manifest")
+            raise InputError(f"no images found: input {input_uri} does not exist or is an empty prefix")
         yield from _list_folder(fs, root, protocol)
     except (FileNotFoundError, PermissionError) as exc:
         raise InputError(f"cannot list input {input_uri}: {exc}") from exc

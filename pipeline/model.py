@@ -83,6 +83,8 @@ def local_dir(source: ModelSource) -> Path:
     """The checkpoint as a local directory on this node, checked to hold config + safetensors
     weights. Cached per process, so every task on a node resolves (and copies) it once."""
     path = BUNDLED_DIR if source.uri == BUNDLED else Path(source.uri.removeprefix("file://")).expanduser()
+    if source.uri == BUNDLED and not path.is_dir():
+        raise ModelError(f"the bundled checkpoint is missing from {path}; reinstall, or pass --model")
     if path.is_dir():
         directory = path
     elif source.is_remote_dir:

@@ -26,3 +26,33 @@ class StorageConfig:
         if self.anonymous and not write:
             options["anon"] = True
         return options
+
+
+_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken")
+
+
+def redact(text: str) -> str:
+    """`text` with any secret of the credential chain's environment replaced by ***."""
+    import os
+
+    for name in _SECRET_VARIABLES:
+        secret = os.environ.get(name)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def storage_error_message(exc: BaseException) -> str | None:
+    """A one-line explanation of a storage failure a user can fix, or None if it is not one."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"}:
+        return f"cannot reach the storage endpoint: {exc}"
+    if "NoCredentialsError" in names:
+        return "no credentials found for s3:// (set AWS_* variables or a profile, or pass --anonymous)"
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "") if "ClientError" in names else ""
+    if code == "NoSuchBucket":
+        return f"bucket does not exist: {exc}"
+    if code in _DENIED or isinstance(exc, PermissionError):
+        return f"access denied by the storage (check credentials and permissions): {exc}"
+    return None

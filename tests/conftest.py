@@ -47,3 +47,13 @@ def untrained_model(tmp_path_factory) -> Path:
     from pipeline.tiny_model import build
 
     return build(tmp_path_factory.mktemp("tiny") / "maskformer")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on 127.0.0.1 for the whole session."""
+    from tests import s3_server as server
+
+    running = server.start(tmp_path_factory.mktemp("seaweedfs"))
+    yield running
+    server.stop(running)

@@ -1,0 +1,61 @@
+"""Storage mistakes give one clear error line and exit status 2, never a traceback or a secret."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import s3_server as s3_server_module
+
+JOB = Path(__file__).resolve().parents[2] / "jobs" / "segment_bucket.py"
+
+
+def run_job(args: list[str], env: dict[str, str], model: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(JOB), "--model", str(model), *args], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server, image_dir):
+    fs = s3_server.filesystem()
+    fs.mkdir("inputs")
+    fs.put(str(image_dir / "img_0.jpg"), "inputs/images/img_0.jpg")
+    fs.mkdir("outputs")
+    return "inputs"
+
+
+def assert_one_clear_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and pattern in errors[0].lower(), result.stderr[-2000:]
+    for secret in (s3_server_module.SECRET_KEY,):
+        assert secret not in result.stdout + result.stderr
+
+
+def test_wrong_endpoint(s3_server, bucket, untrained_model):
+    env = s3_server.env() | {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    result = run_job(["--input", f"s3://{bucket}/images", "--output", "s3://outputs/x"], env, untrained_model)
+    assert_one_clear_error(result, "cannot reach")
+
+
+def test_wrong_credentials(s3_server, bucket, untrained_model):
+    env = s3_server.env() | {"AWS_SECRET_ACCESS_KEY": "wrong-" + s3_server_module.SECRET_KEY[::-1]}
+    result = run_job(["--input", f"s3://{bucket}/images", "--output", "s3://outputs/x"], env, untrained_model)
+    assert_one_clear_error(result, "denied")
+
+
+def test_missing_bucket(s3_server, bucket, untrained_model):
+    result = run_job(["--input", "s3://no-such-bucket-here/images", "--output", "s3://outputs/x"],
+                     s3_server.env(), untrained_model)
+    assert_one_clear_error(result, "does not exist")
+
+
+def test_empty_prefix(s3_server, bucket, untrained_model):
+    result = run_job(["--input", f"s3://{bucket}/nothing-here/", "--output", "s3://outputs/x"],
+                     s3_server.env(), untrained_model)
+    assert_one_clear_error(result, "no images")
