@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-ids-to-fuse", type=_id_set, default=frozenset(),
                    help="comma-separated label ids whose instances merge into one segment (e.g. stuff classes)")
     p.add_argument("--limit", type=_positive, help="process at most this many inputs (in listing order)")
+    p.add_argument("--previews", type=int, default=0, metavar="N",
+                   help="write overlays of the first N images and previews/index.html, a contact sheet")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing output first; needed to change model or parameters on it")
     return p.parse_args(argv)
@@ -111,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         input=args.input, output=args.output, model=args.model, label_map=args.label_map, dtype=args.dtype,
-        limit=args.limit, overwrite=args.overwrite,
+        limit=args.limit, overwrite=args.overwrite, previews=args.previews,
         storage=StorageConfig(endpoint_url=args.endpoint_url, anonymous=args.anonymous),
         postprocess=PostprocessConfig(args.threshold, args.mask_threshold, args.overlap_mask_area_threshold,
                                       args.label_ids_to_fuse),

@@ -112,6 +112,7 @@ class Predictor:
             except (RuntimeError, ValueError) as exc:  # e.g. out of memory on a huge batch: error rows
                 for i in todo:
                     error_stage[i], error_type[i], error_message[i] = INFER, type(exc).__name__, str(exc)[:500]
-        return {"key": batch["key"], "uri": batch["uri"], "width": batch["width"], "height": batch["height"],
-                "segment_ids": ids, "segments": segments.astype(str), "error_stage": error_stage.astype(str),
-                "error_type": error_type.astype(str), "error_message": error_message.astype(str)}
+        passthrough = {name: column for name, column in batch.items() if name != "image"}
+        return {**passthrough, "segment_ids": ids, "segments": segments.astype(str),
+                "error_stage": error_stage.astype(str), "error_type": error_type.astype(str),
+                "error_message": error_message.astype(str)}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 
 from pipeline.decode import DEFAULT_MAX_PIXELS, decode_image
-from pipeline.failures import READ, ImageFailure, as_failure
+from pipeline.failures import ImageFailure
 from pipeline.model import ModelSource, load_processor, local_dir
 from pipeline.preprocess import resize_for_model
+from pipeline.read import read_bytes
 from pipeline.remote import StorageConfig
 
 EMPTY_IMAGE = np.zeros((3, 0, 0), dtype=np.uint8)
@@ -23,14 +23,6 @@ class PrepareConfig:
     storage: StorageConfig = StorageConfig()
 
 
-def read_bytes(uri: str, storage: StorageConfig) -> bytes:
-    try:
-        with fsspec.open(uri, "rb", **storage.options(uri)) as f:
-            return f.read()
-    except Exception as exc:  # missing, denied, network: the image's failure, not the job's
-        raise as_failure(READ, exc) from exc
-
-
 def prepare_one(uri: str, config: PrepareConfig) -> tuple[np.ndarray, int, int]:
     """Resized (3, h, w) uint8 image for the model, and the original (width, height)."""
     rgb = decode_image(read_bytes(uri, config.storage), config.max_pixels)
@@ -39,7 +31,7 @@ def prepare_one(uri: str, config: PrepareConfig) -> tuple[np.ndarray, int, int]:
 
 
 def prepare_batch(batch: dict[str, np.ndarray], config: PrepareConfig) -> dict[str, np.ndarray]:
-    """Columns key, uri -> key, uri, image, width, height, error_stage, error_type, error_message."""
+    """Adds columns image, width, height, error_stage, error_type, error_message; keeps the others."""
     n = len(batch["key"])
     images, widths, heights = [], np.zeros(n, np.int32), np.zeros(n, np.int32)
     stages, types, messages = [""] * n, [""] * n, [""] * n
@@ -51,5 +43,5 @@ def prepare_batch(batch: dict[str, np.ndarray], config: PrepareConfig) -> dict[s
         images.append(image)
     column = np.empty(n, dtype=object)
     column[:] = images
-    return {"key": batch["key"], "uri": batch["uri"], "image": column, "width": widths, "height": heights,
+    return {**batch, "image": column, "width": widths, "height": heights,
             "error_stage": np.asarray(stages), "error_type": np.asarray(types), "error_message": np.asarray(messages)}

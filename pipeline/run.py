@@ -22,7 +22,8 @@ from pipeline.model import BUNDLED, ModelSource, load_config, local_dir, weights
 from pipeline.prepare import PrepareConfig
 from pipeline.remote import StorageConfig
 from pipeline.report import RunCounts, build_report, write_report
-from pipeline.shards import RunMeta, committed_keys, remove_uncommitted
+from pipeline.previews import preview_path, write_index
+from pipeline.shards import ShardOutput, committed_keys, remove_uncommitted
 from pipeline.state import check_settings, clear_outputs, record_run
 from pipeline.storage import OutputStore
 
@@ -51,15 +52,26 @@ class RunConfig:
     label_map: str | None = None
     dtype: str = "auto"
     limit: int | None = None
+    previews: int = 0  # overlays for the first N images of this run
     overwrite: bool = False  # delete an existing output first (e.g. to change model)
     postprocess: PostprocessConfig = PostprocessConfig()
     execution: ExecutionConfig = ExecutionConfig()
     storage: StorageConfig = StorageConfig()
 
 
+def _block(keys: list[str], uris: list[str], first_index: int, previews: int) -> pa.Table:
+    preview = [first_index + i < previews for i in range(len(keys))]
+    return pa.table({"key": keys, "uri": uris, "preview": preview})
+
+
+def _preview_keys(blocks: list[pa.Table]) -> list[str]:
+    return [key for block in blocks for key, preview in zip(block["key"].to_pylist(), block["preview"].to_pylist())
+            if preview]
+
+
 def _pending_blocks(config: RunConfig, done: set[str], counts: RunCounts) -> list[pa.Table]:
-    """(key, uri) blocks of the inputs not yet committed; keys de-duplicated."""
-    blocks, keys, uris, seen = [], [], [], set()
+    """(key, uri, preview) blocks of the inputs not yet committed; keys de-duplicated."""
+    blocks, keys, uris, seen, pending = [], [], [], set(), 0
     for key, uri in iter_inputs(config.input, config.storage):
         if key in seen:
             continue
@@ -71,18 +83,18 @@ def _pending_blocks(config: RunConfig, done: set[str], counts: RunCounts) -> lis
             keys.append(key)
             uris.append(uri)
             if len(keys) == LIST_BLOCK_ROWS:
-                blocks.append(pa.table({"key": keys, "uri": uris}))
-                keys, uris = [], []
+                blocks.append(_block(keys, uris, pending, config.previews))
+                pending, keys, uris = pending + len(keys), [], []
         if config.limit is not None and counts.listed >= config.limit:
             break
     if keys:
-        blocks.append(pa.table({"key": keys, "uri": uris}))
+        blocks.append(_block(keys, uris, pending, config.previews))
     if counts.listed == 0:
         raise InputError(f"no images found under {config.input}")
     return blocks
 
 
-def _plan(blocks: list[pa.Table], config: RunConfig, model_uri: str, store: OutputStore, categories, meta: RunMeta):
+def _plan(blocks: list[pa.Table], config: RunConfig, out: ShardOutput):
     import ray
     import torch
 
@@ -92,15 +104,15 @@ def _plan(blocks: list[pa.Table], config: RunConfig, model_uri: str, store: Outp
 
     execution = config.execution
     on_gpu = torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU"))
-    prepare = PrepareConfig(model=model_uri, storage=config.storage)
-    inference = InferenceConfig(model=model_uri, dtype=config.dtype, postprocess=config.postprocess,
+    prepare = PrepareConfig(model=config.model, storage=config.storage)
+    inference = InferenceConfig(model=config.model, dtype=config.dtype, postprocess=config.postprocess,
                                 storage=config.storage)
     return (
         ray.data.from_arrow(blocks)
         .map_batches(prepare_batch, fn_kwargs={"config": prepare}, batch_size=None, num_cpus=execution.prepare_cpus)
         .map_batches(Predictor, fn_constructor_kwargs={"config": inference}, batch_size=execution.batch_size,
                      concurrency=execution.concurrency, num_gpus=1 if on_gpu else 0, num_cpus=1)
-        .map_batches(write_shard, fn_kwargs={"store": store, "categories": categories, "meta": meta},
+        .map_batches(write_shard, fn_kwargs={"out": out},
                      batch_size=execution.shard_size, num_cpus=0.5)
     )
 
@@ -150,8 +162,11 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
         import ray
 
         ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-        dataset = _plan(blocks, config, config.model, store, categories, RunMeta(run_id=run_id, model=config.model))
+        out = ShardOutput(store, categories, run_id, config.model, config.storage)
+        dataset = _plan(blocks, config, out)
         _drive(dataset.iter_batches(batch_size=None, batch_format="numpy"), counts, pending, progress)
+    if config.previews:
+        write_index(store, [key for key in _preview_keys(blocks) if store.exists(preview_path(key))])
     totals = write_panoptic_json(store, categories)
     counts.wall_seconds = time.monotonic() - started
     record = {"run_id": run_id, "started": started_at, "input": config.input,

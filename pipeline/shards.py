@@ -21,8 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.decode import decode_image
 from pipeline.encode import panoptic_png
 from pipeline.labels import Category
+from pipeline.read import read_bytes
+from pipeline.previews import write_preview
+from pipeline.remote import StorageConfig
 from pipeline.storage import OutputStore
 from schemas import tables
 
@@ -33,9 +37,14 @@ PART_SUFFIX = ".parquet"
 
 
 @dataclass(frozen=True)
-class RunMeta:
+class ShardOutput:
+    """Everything the write stage needs: where to write, what the labels mean, which run this is."""
+
+    store: OutputStore
+    categories: tuple[Category, ...]
     run_id: str
     model: str
+    input_storage: StorageConfig = StorageConfig()  # to re-read the few inputs that get a preview
 
 
 def panoptic_png_path(key: str) -> str:
@@ -58,21 +67,28 @@ def _segment_rows(segments_json: str, categories: Sequence[Category]) -> list[di
     return rows
 
 
-def write_shard(batch: dict[str, np.ndarray], store: OutputStore, categories: Sequence[Category],
-                meta: RunMeta) -> dict[str, np.ndarray]:
+def _preview(out: ShardOutput, key: str, uri: str, segment_ids: np.ndarray, segments: list[dict]) -> None:
+    colors = {c.id: c.color for c in out.categories}
+    rgb = decode_image(read_bytes(uri, out.input_storage))
+    write_preview(out.store, key, rgb, segment_ids, [s | {"color": colors[s["category_id"]]} for s in segments])
+
+
+def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.ndarray]:
     """Write and commit one shard; returns per-image status (key, ok) for progress."""
-    images, errors = [], []
+    store, images, errors = out.store, [], []
     for i, key in enumerate(batch["key"]):
-        row = {"key": str(key), "uri": str(batch["uri"][i]), "run_id": meta.run_id}
+        row = {"key": str(key), "uri": str(batch["uri"][i]), "run_id": out.run_id}
         if batch["error_type"][i]:
             errors.append(row | {"stage": str(batch["error_stage"][i]), "error_type": str(batch["error_type"][i]),
                                  "message": str(batch["error_message"][i])})
             continue
-        png = panoptic_png_path(row["key"])
-        store.write_bytes(png, panoptic_png(np.asarray(batch["segment_ids"][i])))
+        png, segment_ids = panoptic_png_path(row["key"]), np.asarray(batch["segment_ids"][i])
+        store.write_bytes(png, panoptic_png(segment_ids))
+        segments = _segment_rows(str(batch["segments"][i]), out.categories)
+        if batch["preview"][i]:
+            _preview(out, row["key"], row["uri"], segment_ids, segments)
         images.append(row | {"width": int(batch["width"][i]), "height": int(batch["height"][i]),
-                             "panoptic_png": png, "model": meta.model,
-                             "segments": _segment_rows(str(batch["segments"][i]), categories)})
+                             "panoptic_png": png, "model": out.model, "segments": segments})
     shard = uuid.uuid4().hex
     if errors:
         store.write_bytes(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 from pipeline.coco import image_id, write_panoptic_json
 from pipeline.encode import read_panoptic_png
 from pipeline.labels import Category
-from pipeline.shards import RunMeta, committed_keys, remove_uncommitted, write_shard
+from pipeline.shards import ShardOutput, committed_keys, remove_uncommitted, write_shard
 from pipeline.storage import OutputStore
 
 CATEGORIES = (Category(0, 1, "sky", False, (0, 0, 255), "stuff"), Category(1, 7, "disc", True, (255, 0, 0), "thing"))
@@ -25,13 +25,14 @@ def _batch(keys, errors=()):
             "segments": np.asarray([segs] * n),
             "error_stage": np.asarray(["decode" if k in errors else "" for k in keys]),
             "error_type": np.asarray(["NotAnImage" if k in errors else "" for k in keys]),
-            "error_message": np.asarray(["bad bytes" if k in errors else "" for k in keys])}
+            "error_message": np.asarray(["bad bytes" if k in errors else "" for k in keys]),
+            "preview": np.zeros(n, dtype=bool)}
 
 
 def test_shard_writes_pngs_tables_and_commits(tmp_path):
     store = OutputStore(str(tmp_path))
-    status = write_shard(_batch(["a.jpg", "sub/b.png", "bad.jpg"], errors={"bad.jpg"}), store, CATEGORIES,
-                         RunMeta("run1", "m"))
+    status = write_shard(_batch(["a.jpg", "sub/b.png", "bad.jpg"], errors={"bad.jpg"}),
+                         ShardOutput(store, CATEGORIES, "run1", "m"))
     assert status["ok"].tolist() == [True, True, False]
     assert read_panoptic_png((tmp_path / "panoptic/sub/b.png.png").read_bytes())[3, 4] == 2
     images = pq.read_table(tmp_path / "tables/images").to_pylist()
@@ -46,7 +47,7 @@ def test_shard_writes_pngs_tables_and_commits(tmp_path):
 
 def test_errors_part_without_commit_record_is_ignored_and_removed(tmp_path):
     store = OutputStore(str(tmp_path))
-    write_shard(_batch(["bad.jpg"], errors={"bad.jpg"}), store, CATEGORIES, RunMeta("r", "m"))
+    write_shard(_batch(["bad.jpg"], errors={"bad.jpg"}), ShardOutput(store, CATEGORIES, "r", "m"))
     (images_part,) = (tmp_path / "tables/images").iterdir()
     images_part.unlink()  # as if killed between the errors part and the commit record
     assert committed_keys(store) == set()
@@ -56,8 +57,8 @@ def test_errors_part_without_commit_record_is_ignored_and_removed(tmp_path):
 
 def test_coco_rebuild(tmp_path):
     store = OutputStore(str(tmp_path))
-    write_shard(_batch(["a.jpg"]), store, CATEGORIES, RunMeta("r", "m"))
-    write_shard(_batch(["b.jpg"]), store, CATEGORIES, RunMeta("r", "m"))
+    write_shard(_batch(["a.jpg"]), ShardOutput(store, CATEGORIES, "r", "m"))
+    write_shard(_batch(["b.jpg"]), ShardOutput(store, CATEGORIES, "r", "m"))
     totals = write_panoptic_json(store, CATEGORIES)
     data = json.loads((tmp_path / "coco/panoptic.json").read_text())
     assert [im["file_name"] for im in sorted(data["images"], key=lambda i: i["file_name"])] == ["a.jpg", "b.jpg"]
