@@ -29,6 +29,9 @@ from pipeline.storage import OutputStore
 
 log = logging.getLogger(__name__)
 LIST_BLOCK_ROWS = 16  # rows per listed block: the unit of parallel read + decode
+# Differs from prepare_cpus on purpose: Ray fuses adjacent map stages with equal resources, which
+# would run decoding serially inside the inference actor instead of in parallel tasks.
+PREDICTOR_CPUS = 1.0
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class ExecutionConfig:
     batch_size: int = 8  # images per forward pass
     concurrency: tuple[int, int] = (1, 1)  # (min, max) inference actors
     shard_size: int = 64  # images per committed shard
-    prepare_cpus: float = 1.0
+    prepare_cpus: float = 0.5
 
     def __post_init__(self) -> None:
         low, high = self.concurrency
@@ -97,12 +100,14 @@ def _pending_blocks(config: RunConfig, done: set[str], counts: RunCounts) -> lis
 def _plan(blocks: list[pa.Table], config: RunConfig, out: ShardOutput):
     import ray
     import torch
+    from ray.data import ActorPoolStrategy
 
     from pipeline.predictor import InferenceConfig, Predictor
     from pipeline.prepare import prepare_batch
     from pipeline.shards import write_shard
 
     execution = config.execution
+    low, high = execution.concurrency
     on_gpu = torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU"))
     prepare = PrepareConfig(model=config.model, storage=config.storage)
     inference = InferenceConfig(model=config.model, dtype=config.dtype, postprocess=config.postprocess,
@@ -111,7 +116,8 @@ def _plan(blocks: list[pa.Table], config: RunConfig, out: ShardOutput):
         ray.data.from_arrow(blocks)
         .map_batches(prepare_batch, fn_kwargs={"config": prepare}, batch_size=None, num_cpus=execution.prepare_cpus)
         .map_batches(Predictor, fn_constructor_kwargs={"config": inference}, batch_size=execution.batch_size,
-                     concurrency=execution.concurrency, num_gpus=1 if on_gpu else 0, num_cpus=1)
+                     compute=ActorPoolStrategy(min_size=low, max_size=high),
+                     num_gpus=1 if on_gpu else 0, num_cpus=PREDICTOR_CPUS)
         .map_batches(write_shard, fn_kwargs={"out": out},
                      batch_size=execution.shard_size, num_cpus=0.5)
     )
