@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import io
 from typing import Sequence
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -58,19 +59,20 @@ def write_preview(store: OutputStore, key: str, rgb: np.ndarray, segment_ids: np
     store.write_bytes(preview_path(key), buffer.getvalue())
 
 
-def write_index(store: OutputStore, keys: Sequence[str]) -> None:
-    """The contact sheet: relative links, so the page works from a local folder or a bucket."""
+def write_index(store: OutputStore, files: Sequence[str]) -> None:
+    """The contact sheet of preview `files` (relative to previews/): relative links, so the page
+    works from a local folder or a bucket."""
     cards = "\n".join(
-        f'<figure><img src="{html.escape(k)}.jpg" alt="{html.escape(k)}" loading="lazy">'
-        f"<figcaption>{html.escape(k)}</figcaption></figure>"
-        for k in keys
+        f'<figure><img src="{html.escape(quote(f))}" alt="{html.escape(f)}" loading="lazy">'
+        f"<figcaption>{html.escape(f.removesuffix('.jpg'))}</figcaption></figure>"
+        for f in files
     )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Panoptic previews</title>
 <style>body{{font-family:sans-serif;margin:16px;background:#f4f4f4}}
 main{{display:flex;flex-wrap:wrap;gap:12px}}figure{{margin:0;background:#fff;padding:8px;border-radius:4px}}
 img{{max-width:320px;max-height:320px;display:block}}figcaption{{font-size:12px;color:#333;margin-top:4px}}</style>
-</head><body><h1>Panoptic previews ({len(keys)})</h1><main>
+</head><body><h1>Panoptic previews ({len(files)})</h1><main>
 {cards}
 </main></body></html>
 """

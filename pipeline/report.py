@@ -19,8 +19,7 @@ REPORT_JSON = "report.json"
 class RunCounts:
     """Counted by the driver as shard results stream in."""
 
-    listed: int = 0  # inputs found under --input (after --limit)
-    already_done: int = 0  # skipped: committed by an earlier run
+    committed_before: int = 0  # images (segmented or failed) committed by earlier runs
     ok: int = 0
     failed: int = 0
     wall_seconds: float = 0.0
@@ -49,7 +48,7 @@ def build_report(run: RunCounts, totals: DatasetTotals, store: OutputStore, cate
     return {
         "run": {
             "run_id": settings["run_id"],
-            "listed": run.listed, "already_done": run.already_done, "processed": run.processed,
+            "committed_before": run.committed_before, "processed": run.processed,
             "ok": run.ok, "failed": run.failed, "wall_seconds": round(run.wall_seconds, 3),
             "images_per_second": round(run.images_per_second, 3),
             "error_types": dict(run.error_types.most_common()),

@@ -118,6 +118,16 @@ def iter_committed(store: OutputStore, directory: str, columns: list[str] | None
             yield pq.read_table(io.BytesIO(store.read_bytes(f"{directory}/{name}")), columns=columns)
 
 
+def committed_count(store: OutputStore) -> int:
+    """How many images (segmented or failed) are committed, from the parts' footers alone."""
+    committed = set(committed_parts(store))
+    return sum(
+        pq.read_metadata(io.BytesIO(store.read_bytes(f"{directory}/{name}"))).num_rows
+        for directory in (IMAGES_DIR, ERRORS_DIR) for name in store.list(directory, PART_SUFFIX)
+        if name in committed
+    )
+
+
 def committed_keys(store: OutputStore) -> set[str]:
     """Every key whose result (segments or error) is committed."""
     keys: set[str] = set()

@@ -95,6 +95,13 @@ class OutputStore:
         names = [posixpath.basename(n.rstrip("/")) for n in names]
         return sorted(n for n in names if n.endswith(suffix) and not n.endswith(".tmp"))
 
+    def find(self, relative_dir: str, suffix: str = "") -> list[str]:
+        """Paths (relative to `relative_dir`, sub-folders included) of the files under it, sorted."""
+        fs, directory = self.fs, self.path(relative_dir)
+        fs.invalidate_cache(directory)
+        prefix = directory.rstrip("/") + "/"
+        return sorted(p[len(prefix):] for p in fs.find(directory) if p.startswith(prefix) and p.endswith(suffix))
+
     def delete(self, relative: str) -> None:
         self.fs.rm(self.path(relative))
 

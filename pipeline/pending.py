@@ -1,0 +1,54 @@
+"""The work of a run, as a stream of small (key, uri, preview) blocks: inputs minus committed keys.
+
+Runs inside one Ray read task (see run.py), so listing streams: the first blocks are segmented
+while the listing of a large prefix goes on, and the driver never holds the key list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+
+from pipeline.listing import iter_inputs
+from pipeline.remote import StorageConfig
+from pipeline.shards import committed_keys
+from pipeline.storage import OutputStore
+
+BLOCK_ROWS = 16  # rows per block: the unit of parallel read + decode
+
+
+@dataclass(frozen=True)
+class PendingConfig:
+    input: str
+    store: OutputStore
+    storage: StorageConfig = StorageConfig()
+    limit: int | None = None  # consider only the first N listed inputs
+    previews: int = 0  # mark the first N pending inputs for a preview overlay
+
+
+def _block(keys: list[str], uris: list[str], first: int, previews: int) -> pa.Table:
+    return pa.table({"key": keys, "uri": uris, "preview": [first + i < previews for i in range(len(keys))]})
+
+
+def pending_blocks(config: PendingConfig) -> Iterator[pa.Table]:
+    """Blocks of the listed inputs whose keys are not committed yet; duplicate keys dropped."""
+    done, seen = committed_keys(config.store), set()
+    keys: list[str] = []
+    uris: list[str] = []
+    emitted = 0
+    for key, uri in iter_inputs(config.input, config.storage):
+        if key in seen:
+            continue
+        seen.add(key)
+        if key not in done:
+            keys.append(key)
+            uris.append(uri)
+            if len(keys) == BLOCK_ROWS:
+                yield _block(keys, uris, emitted, config.previews)
+                emitted, keys, uris = emitted + len(keys), [], []
+        if config.limit is not None and len(seen) >= config.limit:
+            break
+    if keys:
+        yield _block(keys, uris, emitted, config.previews)
