@@ -23,9 +23,9 @@ from pipeline.listing import InputError  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
 from pipeline.state import SettingsMismatch  # noqa: E402
 from pipeline.remote import StorageConfig, redact, storage_error_message  # noqa: E402
-from pipeline.run import ExecutionConfig, RunConfig, run  # noqa: E402
+from pipeline.run import ExecutionConfig, RunConfig, TooManyErrors, run  # noqa: E402
 
-USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch)
+USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, TooManyErrors)
 
 
 def user_error_message(exc: Exception) -> str | None:
@@ -103,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-ids-to-fuse", type=_id_set, default=frozenset(),
                    help="comma-separated label ids whose instances merge into one segment (e.g. stuff classes)")
     p.add_argument("--limit", type=_positive, help="process at most this many inputs (in listing order)")
+    p.add_argument("--max-error-ratio", type=_fraction, default=0.5,
+                   help="stop (after committing what is done) once more than this share of images failed, "
+                        "counted from the 20th image on (default: 0.5)")
     p.add_argument("--previews", type=int, default=0, metavar="N",
                    help="write overlays of the first N images and previews/index.html, a contact sheet")
     p.add_argument("--overwrite", action="store_true",
@@ -114,6 +117,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         input=args.input, output=args.output, model=args.model, label_map=args.label_map, dtype=args.dtype,
         limit=args.limit, overwrite=args.overwrite, previews=args.previews,
+        max_error_ratio=args.max_error_ratio,
         storage=StorageConfig(endpoint_url=args.endpoint_url, anonymous=args.anonymous),
         postprocess=PostprocessConfig(args.threshold, args.mask_threshold, args.overlap_mask_area_threshold,
                                       args.label_ids_to_fuse),

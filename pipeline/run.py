@@ -57,6 +57,7 @@ class RunConfig:
     dtype: str = "auto"
     limit: int | None = None
     previews: int = 0  # overlays for the first N images of this run
+    max_error_ratio: float = 0.5  # stop once more than this share of images failed (after 20)
     overwrite: bool = False  # delete an existing output first (e.g. to change model)
     postprocess: PostprocessConfig = PostprocessConfig()
     execution: ExecutionConfig = ExecutionConfig()
@@ -102,18 +103,29 @@ def _plan(config: RunConfig, out: ShardOutput) -> ray.data.Dataset:
     )
 
 
-def _drive(results: Iterator[dict], counts: RunCounts, progress: Callable[[str], None],
-           every_seconds: float = 5.0) -> None:
+class TooManyErrors(RuntimeError):
+    """More images failed than --max-error-ratio allows; what was done is committed."""
+
+
+MIN_IMAGES_FOR_ERROR_RATIO = 20
+
+
+def _drive(results: Iterator[dict], counts: RunCounts, progress: Callable[[str], None], max_error_ratio: float,
+           every_seconds: float = 5.0) -> bool:
+    """Consume shard results, printing progress; False if stopped for too many errors."""
     start = last = time.monotonic()
     for batch in results:
         ok = int(batch["ok"].sum())
         counts.ok += ok
         counts.failed += len(batch["ok"]) - ok
+        if counts.processed >= MIN_IMAGES_FOR_ERROR_RATIO and counts.failed > max_error_ratio * counts.processed:
+            return False
         now = time.monotonic()
         if now - last >= every_seconds:
             last = now
             rate = counts.processed / (now - start)
             progress(f"progress: {counts.processed} images done, {rate:.2f} images/s, {counts.failed} errors")
+    return True
 
 
 def _settings(config: RunConfig, model_dir, categories) -> dict:
@@ -149,7 +161,8 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     progress(f"{counts.committed_before} images already committed under {config.output}; listing {config.input}")
     ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
     dataset = _plan(config, ShardOutput(store, categories, run_id, config.model, config.storage))
-    _drive(dataset.iter_batches(batch_size=None, batch_format="numpy"), counts, progress)
+    finished = _drive(dataset.iter_batches(batch_size=None, batch_format="numpy"), counts, progress,
+                      config.max_error_ratio)
     if config.previews:
         write_index(store, store.find(PREVIEWS_DIR, ".jpg"))
     totals = write_panoptic_json(store, categories)
@@ -159,6 +172,10 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     report = build_report(counts, totals, store, categories, record)
     write_report(store, report)
     record_run(store, record | {"finished": _utc(), "counts": report["run"]})
+    if not finished:
+        raise TooManyErrors(
+            f"stopped: {counts.failed} of {counts.processed} images failed (more than --max-error-ratio "
+            f"{config.max_error_ratio}); what was done is committed, see {config.output}/tables/errors")
     progress(f"done: {counts.ok} segmented, {counts.failed} failed, {counts.committed_before} done before, "
              f"{counts.images_per_second:.2f} images/s; outputs under {config.output}")
     return report

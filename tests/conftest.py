@@ -57,3 +57,14 @@ def s3_server(tmp_path_factory):
     running = server.start(tmp_path_factory.mktemp("seaweedfs"))
     yield running
     server.stop(running)
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb's calling card)."""
+    import struct
+    import zlib
+
+    data = bytearray(encode_image(np.zeros((8, 8), np.uint8), "PNG"))
+    struct.pack_into(">II", data, 16, width, height)  # IHDR data starts at byte 16
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)

@@ -6,14 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from pipeline.config import PostprocessConfig
+from pipeline.decode import decode_image
+from pipeline.labels import load_categories
 from pipeline.listing import iter_inputs
+from pipeline.pq import PanopticQuality
 from pipeline.model import BUNDLED_DIR
 from pipeline.run import ExecutionConfig, RunConfig, run
 from tests.integration.conftest import coco, images_table, segment_maps
 
 SAMPLES = BUNDLED_DIR.parent / "samples"
+PanopticResultRows = dict[str, tuple[np.ndarray, list[dict]]]
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +88,66 @@ def test_coco_panoptic_json_structure(batched_run):
         assert all(s["category_id"] in category_ids for s in annotation["segments_info"])
 
 
-def test_mixed_size_batches_equal_batch_size_one(batched_run, single_run):
-    batched, single = segment_maps(batched_run), segment_maps(single_run)
+def agreement(a: PanopticResultRows, b: PanopticResultRows, categories: dict[int, bool]) -> float:
+    """PQ of segmentation `a` taking `b` as ground truth."""
+    quality = PanopticQuality(categories)
+    for key, (ids, segments) in b.items():
+        quality.add(ids, segments, *a[key])
+    return quality.result()["all"].pq
+
+
+def pipeline_results(output: Path) -> PanopticResultRows:
+    maps = segment_maps(output)
+    return {r["key"]: (maps[r["key"]], r["segments"]) for r in images_table(output)}
+
+
+def reference_results(keys) -> PanopticResultRows:
+    """processor -> model -> transformers' post_process_panoptic_segmentation, one image at a time."""
+    from transformers import AutoImageProcessor, MaskFormerForInstanceSegmentation
+
+    processor = AutoImageProcessor.from_pretrained(BUNDLED_DIR)
+    model = MaskFormerForInstanceSegmentation.from_pretrained(BUNDLED_DIR, use_safetensors=True).eval()
+    categories = load_categories(model.config.id2label, BUNDLED_DIR)
+    results = {}
+    for key in keys:
+        rgb = decode_image((SAMPLES / key).read_bytes())
+        with torch.inference_mode():
+            outputs = model(**processor(images=[rgb], return_tensors="pt"))
+        ref = processor.post_process_panoptic_segmentation(outputs, target_sizes=[rgb.shape[:2]],
+                                                           label_ids_to_fuse=set())[0]
+        ids = ref["segmentation"].numpy().astype(np.int64).clip(min=0)
+        results[key] = (ids, [{"id": i["id"], "category_id": categories[i["label_id"]].id}
+                              for i in ref["segments_info"]])
+    return results
+
+
+def test_parity_with_the_reference(single_run, batched_run):
+    ours = pipeline_results(single_run)
+    reference = reference_results(sorted(ours))
+    assert all(len(segments) >= 2 for _, segments in reference.values())
+    isthing = {c["id"]: bool(c["isthing"]) for c in coco(single_run)["categories"]}
+    assert agreement(ours, reference, isthing) >= 0.99
+    assert agreement(pipeline_results(batched_run), reference, isthing) >= 0.99
+
+
+def test_mixed_size_batches_agree_with_batch_size_one(batched_run, single_run):
+    """Padding changes the backbone's border activations, so batched maps agree, not bit for bit;
+    a padding leak (masks not cropped before upsampling) would shift every map and fail this."""
+    batched, single = pipeline_results(batched_run), pipeline_results(single_run)
     assert_real_segments(images_table(single_run))
     assert batched.keys() == single.keys()
-    sizes = {m.shape for m in single.values()}
-    assert len(sizes) >= 5  # the batches really mixed sizes
-    for key in single:
-        assert np.array_equal(batched[key], single[key]), key
+    assert len({ids.shape for ids, _ in single.values()}) >= 5  # the batches really mixed sizes
+    same = sum(int((category_map(*batched[k]) == category_map(*single[k])).sum()) for k in single)
+    assert same / sum(ids.size for ids, _ in single.values()) >= 0.99
+    isthing = {c["id"]: bool(c["isthing"]) for c in coco(single_run)["categories"]}
+    assert agreement(batched, single, isthing) >= 0.95
+
+
+def category_map(ids: np.ndarray, segments: list[dict]) -> np.ndarray:
+    lut = np.zeros(int(ids.max()) + 1, dtype=np.int64)
+    for s in segments:
+        lut[s["id"]] = s["category_id"]
+    return lut[ids]
 
 
 def test_report_counts(batched_run):
