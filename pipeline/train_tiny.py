@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from pipeline.pq import PanopticQuality
 from pipeline.scenes import CATEGORIES, Scene, label_map, scene
 
 EVAL_SEED = 1_000_003  # held-out scenes never seen in training
-IMAGE_SIZE = {"shortest_edge": 160, "longest_edge": 320}
+IMAGE_SIZE = {"shortest_edge": 128, "longest_edge": 256}
 
 
 def build_model(seed: int) -> MaskFormerForInstanceSegmentation:
@@ -103,6 +104,18 @@ def save_checkpoint(model, processor, out_dir: Path, log: list[dict]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def training_batches(seed: int, batch_size: int, group: int = 4) -> Iterator[list[Scene]]:
+    """Fresh scenes, `group` batches at a time sorted by aspect ratio: a batch is padded to its
+    largest image, and similar shapes waste far less compute on padding."""
+    start = 0
+    while True:
+        scenes = sorted((scene(seed, start + i) for i in range(group * batch_size)),
+                        key=lambda s: s.segment_ids.shape[0] / s.segment_ids.shape[1])
+        start += group * batch_size
+        for i in range(group):
+            yield scenes[i * batch_size:(i + 1) * batch_size]
+
+
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -117,16 +130,15 @@ def train(out_dir: Path, steps: int, minutes: float, seed: int, batch_size: int,
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
     log: list[dict] = []
     best, start, recent = -1.0, time.monotonic(), []
-    for step in range(steps):
+    for step, scenes in zip(range(steps), training_batches(seed, batch_size)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, 5e-4, 200)
-        scenes = [scene(seed, step * batch_size + i) for i in range(batch_size)]
         loss = training_loss(model, batch_inputs(processor, scenes))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        recent.append(float(loss))
+        recent.append(float(loss.detach()))
         elapsed = (time.monotonic() - start) / 60
         last = step == steps - 1 or elapsed >= minutes
         if (step + 1) % log_every == 0:
@@ -153,7 +165,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6000, help="optimizer steps (the cosine schedule's length)")
     parser.add_argument("--minutes", type=float, default=120.0, help="stop early after this long")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-count", type=int, default=100, help="held-out scenes per evaluation")
     args = parser.parse_args()

@@ -1,0 +1,146 @@
+"""Exactly once: kill the job anywhere, rerun, and the committed outputs equal an uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.run import ExecutionConfig, RunConfig, run
+from pipeline.scenes import generate_scenes
+from tests.integration.conftest import coco, images_table, segment_maps
+
+JOB = Path(__file__).resolve().parents[2] / "jobs" / "segment_bucket.py"
+
+
+def start_job(images: Path, output: Path) -> subprocess.Popen:
+    # Batch size 1: each image's result then cannot depend on which images a resumed run batches it with.
+    return subprocess.Popen(
+        [sys.executable, str(JOB), "--input", str(images), "--output", str(output), "--batch-size", "1",
+         "--shard-size", "8"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def kill_job(process: subprocess.Popen) -> None:
+    """SIGKILL the job's whole process group: the driver and the local Ray it started."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+    time.sleep(2)  # Ray's own processes share the driver's fate (and its process group)
+
+
+def committed_rows(output: Path) -> int:
+    return sum(pq.read_metadata(p).num_rows for p in (output / "tables" / "images").glob("*.parquet"))
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    return generate_scenes(tmp_path_factory.mktemp("scenes"), count=200, seed=21) / "images"
+
+
+def test_sigkill_anywhere_then_rerun_gives_every_image_exactly_once(scenes, tmp_path):
+    reference, tortured = tmp_path / "reference", tmp_path / "tortured"
+    assert start_job(scenes, reference).wait(timeout=900) == 0
+    rng = random.Random(7)
+    kills, committed_at_kill = 0, []
+    for _ in range(4):  # SIGKILL after a random delay: before, between and in the middle of shard writes
+        process = start_job(scenes, tortured)
+        time.sleep(rng.uniform(8, 25))
+        if process.poll() is not None:
+            break
+        kill_job(process)
+        kills += 1
+        committed_at_kill.append(committed_rows(tortured) if (tortured / "tables" / "images").exists() else 0)
+    assert kills >= 2, "the job finished before it could be killed: nothing was tested"
+    assert start_job(scenes, tortured).wait(timeout=900) == 0
+    assert len(set(committed_at_kill)) >= 2 or committed_at_kill[-1] > 0
+
+    ref_rows, rows = images_table(reference), images_table(tortured)
+    assert len(rows) == len({r["key"] for r in rows}) == 200  # one row per key
+    assert {r["key"] for r in rows} == {r["key"] for r in ref_rows}
+    ref_maps, maps = segment_maps(reference), segment_maps(tortured)
+    for key, ids in ref_maps.items():
+        assert np.array_equal(maps[key], ids), key
+    data = coco(tortured)
+    ids = [im["id"] for im in data["images"]]
+    assert len(ids) == len(set(ids)) == 200 and len(data["annotations"]) == 200
+    assert not list((tortured / "tables" / "errors").glob("*.parquet"))  # no orphaned error parts
+
+
+def test_grown_input_processes_only_new_images(ray_runtime, tmp_path):
+    images = tmp_path / "images"
+    generate_scenes(tmp_path / "first", count=10, seed=31)
+    generate_scenes(tmp_path / "second", count=5, seed=31, first=10)
+    images.mkdir()
+    for p in (tmp_path / "first" / "images").iterdir():
+        p.rename(images / p.name)
+    output = tmp_path / "out"
+    first = run(RunConfig(input=str(images), output=str(output)), progress=lambda _: None)
+    for p in (tmp_path / "second" / "images").iterdir():
+        p.rename(images / p.name)
+    second = run(RunConfig(input=str(images), output=str(output)), progress=lambda _: None)
+    assert first["run"]["processed"] == 10
+    assert second["run"]["processed"] == 5 and second["run"]["committed_before"] == 10
+    data = coco(output)
+    assert sorted(im["file_name"] for im in data["images"]) == sorted(p.name for p in images.iterdir())
+    assert len({im["id"] for im in data["images"]}) == 15
+    history = sorted((output / "_state" / "runs").glob("*.json"))
+    assert [json.loads(p.read_text())["counts"]["processed"] for p in history] == [10, 5]
+    third = run(RunConfig(input=str(images), output=str(output)), progress=lambda _: None)
+    assert third["run"]["processed"] == 0 and third["dataset"]["images"] == 15
+
+
+def test_changed_settings_are_refused_unless_overwrite(ray_runtime, tmp_path, image_dir):
+    from pipeline.config import PostprocessConfig
+    from pipeline.state import SettingsMismatch
+
+    output = tmp_path / "out"
+    run(RunConfig(input=str(image_dir), output=str(output), limit=2), progress=lambda _: None)
+    changed = RunConfig(input=str(image_dir), output=str(output), limit=2, postprocess=PostprocessConfig(0.7))
+    with pytest.raises(SettingsMismatch, match="postprocess"):
+        run(changed, progress=lambda _: None)
+    report = run(RunConfig(input=str(image_dir), output=str(output), limit=2, overwrite=True,
+                           postprocess=PostprocessConfig(0.7)), progress=lambda _: None)
+    assert report["run"]["processed"] == 2 and report["settings"]["postprocess"]["threshold"] == 0.7
+
+
+def test_killed_predictor_actor_is_restarted_and_nothing_is_lost(ray_runtime, tmp_path):
+    from ray.util.state import list_actors
+
+    images = generate_scenes(tmp_path / "scenes", count=60, seed=41) / "images"
+    output = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_predictor_once() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if (output / "tables" / "images").exists():  # a shard is committed: inference is under way
+                for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+                    if "Predictor" in actor.class_name and actor.pid:
+                        os.kill(actor.pid, signal.SIGKILL)
+                        killed.append(actor.pid)
+                        return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_predictor_once)
+    killer.start()
+    report = run(RunConfig(input=str(images), output=str(output),
+                           execution=ExecutionConfig(batch_size=2, shard_size=4)), progress=lambda _: None)
+    killer.join()
+    assert killed, "no Predictor actor was killed: nothing was tested"
+    assert report["run"]["ok"] == 60 and report["run"]["failed"] == 0
+    assert sorted(r["key"] for r in images_table(output)) == sorted(p.name for p in images.iterdir())
