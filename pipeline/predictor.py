@@ -7,6 +7,7 @@ post-process on the device, and return only the segment-id maps and segment reco
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,8 @@ class Predictor:
         todo = [i for i in range(n) if not batch["error_type"][i]]
         error_type, error_stage = batch["error_type"].astype(object), batch["error_stage"].astype(object)
         error_message = batch["error_message"].astype(object)
+        seconds = np.zeros(n, np.float64)
+        start = time.perf_counter()
         if todo:
             try:
                 results = self.infer([batch["image"][i] for i in todo],
@@ -112,7 +115,8 @@ class Predictor:
             except (RuntimeError, ValueError) as exc:  # e.g. out of memory on a huge batch: error rows
                 for i in todo:
                     error_stage[i], error_type[i], error_message[i] = INFER, type(exc).__name__, str(exc)[:500]
+            seconds[todo] = (time.perf_counter() - start) / len(todo)
         passthrough = {name: column for name, column in batch.items() if name != "image"}
-        return {**passthrough, "segment_ids": ids, "segments": segments.astype(str),
+        return {**passthrough, "segment_ids": ids, "segments": segments.astype(str), "seconds_infer": seconds,
                 "error_stage": error_stage.astype(str), "error_type": error_type.astype(str),
                 "error_message": error_message.astype(str)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,17 +32,21 @@ def prepare_one(uri: str, config: PrepareConfig) -> tuple[np.ndarray, int, int]:
 
 
 def prepare_batch(batch: dict[str, np.ndarray], config: PrepareConfig) -> dict[str, np.ndarray]:
-    """Adds columns image, width, height, error_stage, error_type, error_message; keeps the others."""
+    """Adds columns image, width, height, seconds_prepare, error_stage, error_type, error_message;
+    keeps the others."""
     n = len(batch["key"])
     images, widths, heights = [], np.zeros(n, np.int32), np.zeros(n, np.int32)
     stages, types, messages = [""] * n, [""] * n, [""] * n
+    seconds = np.zeros(n, np.float64)
     for i, uri in enumerate(batch["uri"]):
+        start = time.perf_counter()
         try:
             image, widths[i], heights[i] = prepare_one(str(uri), config)
         except ImageFailure as failure:
             image, stages[i], types[i], messages[i] = EMPTY_IMAGE, failure.stage, failure.error_type, failure.message
         images.append(image)
+        seconds[i] = time.perf_counter() - start
     column = np.empty(n, dtype=object)
     column[:] = images
-    return {**batch, "image": column, "width": widths, "height": heights,
+    return {**batch, "image": column, "width": widths, "height": heights, "seconds_prepare": seconds,
             "error_stage": np.asarray(stages), "error_type": np.asarray(types), "error_message": np.asarray(messages)}

@@ -24,6 +24,7 @@ class RunCounts:
     failed: int = 0
     wall_seconds: float = 0.0
     error_types: Counter = field(default_factory=Counter)
+    stage_seconds: Counter = field(default_factory=Counter)  # summed over workers: where time goes
 
     @property
     def processed(self) -> int:
@@ -52,6 +53,7 @@ def build_report(run: RunCounts, totals: DatasetTotals, store: OutputStore, cate
             "ok": run.ok, "failed": run.failed, "wall_seconds": round(run.wall_seconds, 3),
             "images_per_second": round(run.images_per_second, 3),
             "error_types": dict(run.error_types.most_common()),
+            "stage_seconds": {k.removeprefix("seconds_"): round(v, 3) for k, v in run.stage_seconds.items()},
         },
         "dataset": {
             "images": totals.images, "errors": sum(errors.values()),

@@ -26,7 +26,7 @@ from pipeline.prepare import PrepareConfig
 from pipeline.previews import PREVIEWS_DIR, write_index
 from pipeline.remote import StorageConfig
 from pipeline.report import RunCounts, build_report, write_report
-from pipeline.shards import ShardOutput, committed_count, remove_uncommitted
+from pipeline.shards import STAGE_SECONDS, ShardOutput, committed_count, remove_uncommitted
 from pipeline.state import check_settings, clear_outputs, record_run
 from pipeline.storage import OutputStore
 
@@ -118,6 +118,8 @@ def _drive(results: Iterator[dict], counts: RunCounts, progress: Callable[[str],
         ok = int(batch["ok"].sum())
         counts.ok += ok
         counts.failed += len(batch["ok"]) - ok
+        counts.error_types.update(t for t in batch["error_type"].tolist() if t)
+        counts.stage_seconds.update({name: float(batch[name].sum()) for name in STAGE_SECONDS})
         if counts.processed >= MIN_IMAGES_FOR_ERROR_RATIO and counts.failed > max_error_ratio * counts.processed:
             return False
         now = time.monotonic()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -73,8 +74,12 @@ def _preview(out: ShardOutput, key: str, uri: str, segment_ids: np.ndarray, segm
     write_preview(out.store, key, rgb, segment_ids, [s | {"color": colors[s["category_id"]]} for s in segments])
 
 
+STAGE_SECONDS = ("seconds_prepare", "seconds_infer", "seconds_write")
+
+
 def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.ndarray]:
-    """Write and commit one shard; returns per-image status (key, ok) for progress."""
+    """Write and commit one shard; returns per image: key, ok, error_type and seconds per stage."""
+    start = time.perf_counter()
     store, images, errors = out.store, [], []
     for i, key in enumerate(batch["key"]):
         row = {"key": str(key), "uri": str(batch["uri"][i]), "run_id": out.run_id}
@@ -93,7 +98,12 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
     if errors:
         store.write_bytes(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))
     store.write_bytes(f"{IMAGES_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(images, tables.IMAGES))
-    return {"key": np.asarray(batch["key"]), "ok": np.asarray([not e for e in batch["error_type"]], dtype=bool)}
+    n = len(batch["key"])
+    return {"key": np.asarray(batch["key"]), "ok": np.asarray([not e for e in batch["error_type"]], dtype=bool),
+            "error_type": np.asarray(batch["error_type"]),
+            "seconds_prepare": np.asarray(batch.get("seconds_prepare", np.zeros(n))),
+            "seconds_infer": np.asarray(batch.get("seconds_infer", np.zeros(n))),
+            "seconds_write": np.full(n, (time.perf_counter() - start) / max(n, 1))}
 
 
 def committed_parts(store: OutputStore) -> list[str]:

@@ -23,7 +23,8 @@ PanopticResultRows = dict[str, tuple[np.ndarray, list[dict]]]
 @pytest.fixture(scope="module")
 def batched_run(ray_runtime, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("batched")
-    run(RunConfig(input=str(SAMPLES), output=str(output), execution=ExecutionConfig(batch_size=8, shard_size=5)))
+    run(RunConfig(input=str(SAMPLES), output=str(output), previews=4,
+                  execution=ExecutionConfig(batch_size=8, shard_size=5)))
     return output
 
 
@@ -156,3 +157,54 @@ def test_report_counts(batched_run):
     report = json.loads((batched_run / "report.json").read_text())
     assert report["run"]["ok"] == report["dataset"]["images"] == len(images_table(batched_run))
     assert report["run"]["failed"] == 0 and report["run"]["images_per_second"] > 0
+
+
+def test_duckdb_over_the_tables_matches_the_report(batched_run):
+    import json
+
+    import duckdb
+
+    report = json.loads((batched_run / "report.json").read_text())
+    rows = duckdb.sql(
+        f"""SELECT s.label, sum(s.area) AS pixels, count(*) AS segments
+            FROM read_parquet('{batched_run}/tables/images/*.parquet'), unnest(segments) AS t(s)
+            GROUP BY 1"""
+    ).fetchall()
+    assert len(rows) >= 4
+    assert {label: int(pixels) for label, pixels, _ in rows} == report["dataset"]["pixels_per_category"]
+    assert {label: int(n) for label, _, n in rows} == report["dataset"]["segments_per_category"]
+
+
+def test_report_has_stage_timings(batched_run):
+    import json
+
+    stages = json.loads((batched_run / "report.json").read_text())["run"]["stage_seconds"]
+    assert set(stages) == {"prepare", "infer", "write"} and all(v > 0 for v in stages.values())
+
+
+def test_previews_render_in_a_browser(batched_run, tmp_path):
+    """The contact sheet opens from disk in headless Chromium and shows the overlays."""
+    import os
+    import shutil
+    import subprocess
+
+    from PIL import Image
+
+    assert len(list((batched_run / "previews").glob("*.jpg"))) == 4
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium package")
+        pytest.skip("chromium not installed (CI installs it)")
+    shot = tmp_path / "sheet.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1400,900",
+         "--virtual-time-budget=5000", (batched_run / "previews" / "index.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    # The page background is a flat light grey; rendered overlays bring many distinct colours.
+    colours = {tuple(c) for c in pixels.reshape(-1, 3)[::7]}
+    assert len(colours) > 500
