@@ -1,0 +1,94 @@
+"""The job S3 -> S3 against a real S3 server gives the same outputs as a local run."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.encode import read_panoptic_png
+from pipeline.model import BUNDLED_DIR
+
+JOB = Path(__file__).resolve().parents[2] / "jobs" / "segment_bucket.py"
+SAMPLES = BUNDLED_DIR.parent / "samples"
+NAMES = sorted(p.name for p in SAMPLES.iterdir())[:5]
+RUN_METADATA = {"run_id", "uri", "model"}
+
+
+def run_job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def s3_runs(s3_server, tmp_path_factory):
+    fs = s3_server.filesystem()
+    fs.mkdir("pictures")
+    fs.mkdir("results")
+    fs.mkdir("models")
+    for name in NAMES:
+        fs.put(str(SAMPLES / name), f"pictures/in/{name}")
+    for path in BUNDLED_DIR.iterdir():
+        fs.put(str(path), f"models/bundled/{path.name}")
+    fs.pipe("pictures/manifest.txt", "\n".join(f"s3://pictures/in/{n}" for n in NAMES[:3]).encode())
+    local_in = tmp_path_factory.mktemp("local_in")
+    for name in NAMES:
+        (local_in / name).write_bytes((SAMPLES / name).read_bytes())
+    local_out, cache = tmp_path_factory.mktemp("local_out"), tmp_path_factory.mktemp("model_cache")
+    env = s3_server.env() | {"PANOPTIC_MODEL_CACHE": str(cache)}
+    s3_log = run_job(["--input", "s3://pictures/in", "--output", "s3://results/run1",
+                      "--model", "s3://models/bundled"], env)
+    run_job(["--input", str(local_in), "--output", str(local_out)], {})
+    manifest_log = run_job(["--input", "s3://pictures/manifest.txt", "--output", "s3://results/manifest"], env)
+    return fs, local_out, cache, s3_log, manifest_log
+
+
+def _table(data: bytes) -> list[dict]:
+    return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+def test_s3_outputs_equal_local_outputs(s3_runs):
+    fs, local_out, _, _, _ = s3_runs
+    s3_rows = [r for p in fs.find("results/run1/tables/images") for r in _table(fs.cat(p))]
+    local_rows = pq.read_table(local_out / "tables" / "images").to_pylist()
+    strip = lambda rows: sorted(({k: v for k, v in r.items() if k not in RUN_METADATA} for r in rows),
+                                key=lambda r: r["key"])
+    assert len(s3_rows) == len(NAMES) and strip(s3_rows) == strip(local_rows)
+    assert all(len(r["segments"]) >= 2 for r in s3_rows)
+    for name in NAMES:
+        s3_ids = read_panoptic_png(fs.cat(f"results/run1/panoptic/{name}.png"))
+        assert np.array_equal(s3_ids, read_panoptic_png((local_out / "panoptic" / f"{name}.png").read_bytes()))
+    coco = json.loads(fs.cat("results/run1/coco/panoptic.json"))
+    assert len(coco["images"]) == len(NAMES)
+    assert json.loads(fs.cat("results/run1/report.json"))["run"]["ok"] == len(NAMES)
+
+
+def test_s3_checkpoint_is_copied_once_into_the_local_cache(s3_runs):
+    _, _, cache, _, _ = s3_runs
+    (copied,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert (copied / "model.safetensors").read_bytes() == (BUNDLED_DIR / "model.safetensors").read_bytes()
+
+
+def test_manifest_on_s3(s3_runs):
+    fs = s3_runs[0]
+    keys = sorted(r["key"] for p in fs.find("results/manifest/tables/images") for r in _table(fs.cat(p)))
+    assert keys == sorted(f"pictures/in/{n}" for n in NAMES[:3])
+
+
+def test_no_secret_in_logs_or_outputs(s3_runs):
+    from tests.s3_server import SECRET_KEY
+
+    fs, _, _, s3_log, manifest_log = s3_runs
+    for log in (s3_log, manifest_log):
+        assert SECRET_KEY not in log.stdout + log.stderr
+    for path in fs.find("results"):
+        assert SECRET_KEY.encode() not in fs.cat(path)
