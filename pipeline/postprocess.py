@@ -58,21 +58,104 @@ def _bboxes(segment_ids: torch.Tensor, count: int) -> torch.Tensor:
     return torch.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], dim=1)
 
 
+def _source_index(size_in: int, size_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """For each output row (or column): its two source rows and the weight of the second, as
+    bilinear interpolation with align_corners=False computes them. Shapes (size_out,)."""
+    position = ((torch.arange(size_out, device=device, dtype=torch.float32) + 0.5) * (size_in / size_out) - 0.5)
+    position = position.clamp(min=0.0)
+    first = position.to(torch.int64)
+    return first, (first + 1).clamp(max=size_in - 1), (position - first).clamp(0.0, 1.0)
+
+
+def _interpolate_at(pixels_by_query: torch.Tensor, width: int, rows: tuple, cols: tuple) -> torch.Tensor:
+    """Bilinear values at M output pixels given by their source indices.
+
+    pixels_by_query: (h * w, K) the low-res masks, one row per low-res pixel -> (M, K).
+    """
+    (y0, y1, wy), (x0, x1, wx) = rows, cols
+
+    def at(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return pixels_by_query.index_select(0, y * width + x)
+
+    top = at(y0, x0)
+    top = top + (at(y0, x1) - top) * wx[:, None]
+    bottom = at(y1, x0)
+    bottom = bottom + (at(y1, x1) - bottom) * wx[:, None]
+    return top + (bottom - top) * wy[:, None]
+
+
+def _uniform_cells(scaled: torch.Tensor, mask_threshold: float) -> tuple[torch.Tensor, ...]:
+    """Which low-res cells decide their output pixels without interpolating.
+
+    A cell is the square of low-res pixels (y, x), (y+1, x), (y, x+1), (y+1, x+1) that an output
+    pixel interpolates (clamped at the edges). Interpolation is a convex combination, so if one
+    query wins at all four corners it wins everywhere inside, and if a query's scaled mask is
+    above (or below) the threshold at all four corners it is so everywhere inside.
+    scaled: (K, h, w) -> owner (h, w) int64, uniform (h, w) bool, above (K, h, w) bool.
+    """
+    owner = scaled.argmax(0)
+    above = scaled >= mask_threshold
+
+    def mixed(x: torch.Tensor) -> torch.Tensor:  # (..., h, w) -> (..., h, w): corners differ
+        x = torch.cat([x, x[..., -1:, :]], dim=-2)
+        x = torch.cat([x, x[..., :, -1:]], dim=-1)
+        corner = x[..., :-1, :-1]
+        return (corner != x[..., 1:, :-1]) | (corner != x[..., :-1, 1:]) | (corner != x[..., 1:, 1:])
+
+    return owner, ~(mixed(owner) | mixed(above).any(0)), above
+
+
+def _query_areas(probs: torch.Tensor, scores: torch.Tensor, target: tuple[int, int],
+                 mask_threshold: float) -> tuple[torch.Tensor, ...]:
+    """Per kept query: pixels it wins and pixels where its scaled mask passes the threshold, at
+    the target size, interpolating only the pixels of non-uniform cells.
+    Returns area (K,), original (K,), and the (H, W) int64 winning query of every pixel."""
+    k, h, w = probs.shape
+    rows, cols = _source_index(h, target[0], probs.device), _source_index(w, target[1], probs.device)
+    owner, uniform, above = _uniform_cells(probs * scores.view(-1, 1, 1), mask_threshold)
+
+    def upsample(cells: torch.Tensor) -> torch.Tensor:  # (h, w) -> (H, W): each output pixel's cell
+        return cells.index_select(0, rows[0]).index_select(1, cols[0])
+
+    ys, xs = (~upsample(uniform)).nonzero(as_tuple=True)
+    if ys.numel() > _MAX_MIXED_SHARE * target[0] * target[1]:  # noise-like masks: plain upsampling is cheaper
+        scaled = F.interpolate(probs[None], size=target, mode="bilinear", align_corners=False)[0]
+        scaled *= scores.view(-1, 1, 1)
+        winner = scaled.argmax(0)
+        return (torch.bincount(winner.reshape(-1), minlength=k),
+                (scaled >= mask_threshold).reshape(k, -1).sum(1), winner)
+    cell_pixels = (torch.bincount(rows[0], minlength=h)[:, None] * torch.bincount(cols[0], minlength=w)[None, :])
+    settled = (cell_pixels * uniform).reshape(-1)
+    area = torch.bincount(owner.reshape(-1), weights=settled.to(torch.float64), minlength=k).to(torch.int64)
+    original = (above.reshape(k, -1).to(torch.int64) * settled).sum(1)
+    winner = upsample(owner)  # exact wherever the cell is uniform
+    pixels_by_query = probs.reshape(k, -1).T.contiguous()
+    for start in range(0, ys.numel(), _PIXELS_PER_CHUNK):
+        y, x = ys[start:start + _PIXELS_PER_CHUNK], xs[start:start + _PIXELS_PER_CHUNK]
+        values = _interpolate_at(pixels_by_query, w, tuple(r[y] for r in rows), tuple(c[x] for c in cols))
+        values *= scores  # the reference scales after interpolating: same floats
+        best = values.argmax(1)
+        area += torch.bincount(best, minlength=k)
+        original += (values >= mask_threshold).sum(0)
+        winner[y, x] = best
+    return area, original, winner
+
+
+_MAX_MIXED_SHARE = 0.3
+_PIXELS_PER_CHUNK = 1 << 16  # bounds the (K, pixels) working set of interpolated values
+
+
 def _one_image(probs: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, target: tuple[int, int],
                config: PostprocessConfig) -> PanopticResult:
     """probs: (K, h, w) sigmoid masks of the kept queries, cropped; scores, labels: (K,)."""
-    scaled = F.interpolate(probs[None], size=target, mode="bilinear", align_corners=False)[0]
-    scaled *= scores.view(-1, 1, 1)
-    owner = scaled.argmax(0)  # (H, W): the query each pixel goes to
-    area = torch.bincount(owner.reshape(-1), minlength=probs.shape[0])
-    original = (scaled >= config.mask_threshold).reshape(probs.shape[0], -1).sum(1)
+    area, original, owner = _query_areas(probs, scores, target, config.mask_threshold)
     valid = (area > 0) & (original > 0) & (area / original.clamp(min=1) > config.overlap_mask_area_threshold)
     ids = segment_ids_per_query(labels, valid, config.label_ids_to_fuse)
-    segment_ids = ids[owner].to(torch.int32)
     count = int(ids.max())
     if count == 0:
         return PanopticResult(np.zeros(target, np.int32), ())
-    pixels = torch.bincount(segment_ids.reshape(-1).to(torch.int64), minlength=count + 1)
+    segment_ids = ids[owner].to(torch.int32)
+    pixels = torch.zeros(count + 1, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, area)
     first_query = torch.full((count + 1,), probs.shape[0], dtype=torch.int64, device=ids.device)
     first_query = first_query.scatter_reduce(0, ids, torch.arange(len(ids), device=ids.device), reduce="amin")
     small = torch.stack([labels[first_query[1:]].to(torch.float64), scores[first_query[1:]].to(torch.float64),
