@@ -45,8 +45,26 @@ def _is_image(path: str) -> bool:
     return dot > path.rfind("/") and path[dot:].lower() in IMAGE_EXTENSIONS
 
 
+def _s3_paths(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
+    """Every object under an S3 prefix, one page (1,000 keys) at a time: a flat prefix of millions
+    of keys streams instead of being listed whole first."""
+    bucket, _, prefix = root.partition("/")
+    request = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else ""}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        yield from (f"{bucket}/{item['Key']}" for item in page.get("Contents", []))
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
 def _list_folder(fs: fsspec.AbstractFileSystem, root: str, protocol: str) -> Iterator[tuple[str, str]]:
     root = root.rstrip("/")
+    if protocol in ("s3", "s3a"):
+        for path in _s3_paths(fs, root):
+            if _is_image(path):
+                yield safe_key(path[len(root) + 1:]), f"s3://{path}"
+        return
     for directory, _, files in fs.walk(root):
         for name in sorted(files):
             path = f"{directory.rstrip('/')}/{name}"
