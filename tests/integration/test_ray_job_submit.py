@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,21 @@ import pytest
 from tests.s3_server import _free_port
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                return
+        except urllib.error.HTTPError:  # answering, if only to say a token is needed
+            return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError("the Ray head's dashboard did not come up")
 
 
 @pytest.fixture()
@@ -26,13 +45,23 @@ def ray_head(tmp_path):
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     assert (tmp_path / ".ray" / "auth_token").is_file()
     dashboard = _free_port()
-    subprocess.run(["ray", "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
-                    "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    # --block keeps the head's processes in this process group, so the test stops exactly this
+    # head (`ray stop` would stop every Ray on the machine, the test session's own included).
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
     try:
-        yield env, f"http://127.0.0.1:{dashboard}"
+        _wait_for_dashboard(url, head)
+        yield env, url
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
 
 
 def test_job_submit_segments_the_samples(ray_head, tmp_path, image_dir, untrained_model):
