@@ -65,7 +65,7 @@ def start(directory: Path, timeout: float = 60.0) -> S3Server:
         [_weed(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
          f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
          "-s3", f"-s3.port={ports['s3']}", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-         "-volume.max=20", "-master.volumeSizeLimitMB=64"],
+         "-volume.max=500", "-master.volumeSizeLimitMB=32"],
         stdout=open(directory / "weed.log", "wb"), stderr=subprocess.STDOUT,
     )
     server = S3Server(f"http://127.0.0.1:{ports['s3']}", process)

@@ -16,7 +16,7 @@ from pipeline.encode import read_panoptic_png
 def ray_runtime():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

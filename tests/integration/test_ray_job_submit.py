@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -45,23 +46,27 @@ def ray_head(tmp_path):
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     assert (tmp_path / ".ray" / "auth_token").is_file()
     dashboard = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
     # --block keeps the head's processes in this process group, so the test stops exactly this
     # head (`ray stop` would stop every Ray on the machine, the test session's own included).
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}"],  # short (socket paths), and no pointer to this head in /tmp/ray
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_for_dashboard(url, head)
         yield env, url
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=30)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_job_submit_segments_the_samples(ray_head, tmp_path, image_dir, untrained_model):
