@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) jobs/segment_bucket.py --input pipeline/data/samples --output demo-output
-	@echo "Outputs are under $(CURDIR)/demo-output: panoptic/ (PNGs), tables/ (Parquet), coco/panoptic.json, report.json"
+	$(PY) jobs/segment_bucket.py --input pipeline/data/samples --output demo-output --previews 12
+	@echo "Outputs are under $(CURDIR)/demo-output: panoptic/ (PNGs), tables/ (Parquet), coco/panoptic.json, report.json, previews/index.html"
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
