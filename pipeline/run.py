@@ -6,6 +6,7 @@ pending inputs (one streaming read task) -> prepare (CPU tasks) -> Predictor (ac
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -161,7 +162,10 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     remove_uncommitted(store)
     counts = RunCounts(committed_before=committed_count(store))
     progress(f"{counts.committed_before} images already committed under {config.output}; listing {config.input}")
-    ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start an embedded runtime
+    # rather than attach to whatever /tmp/ray last pointed at (a killed run leaves a dead pointer).
+    ray.init(address=None if "RAY_ADDRESS" in os.environ else "local", ignore_reinit_error=True,
+             log_to_driver=False, include_dashboard=False)
     dataset = _plan(config, ShardOutput(store, categories, run_id, config.model, config.storage))
     finished = _drive(dataset.iter_batches(batch_size=None, batch_format="numpy"), counts, progress,
                       config.max_error_ratio)

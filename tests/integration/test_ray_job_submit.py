@@ -74,12 +74,16 @@ def test_job_submit_segments_the_samples(ray_head, tmp_path, image_dir, untraine
     working_dir = tmp_path / "job"  # only the code: .venv and outputs stay behind
     shutil.copytree(REPO, working_dir, ignore=shutil.ignore_patterns(".venv", ".git", "*-output", "__pycache__"))
     output = tmp_path / "out"
-    result = subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--working-dir", str(working_dir), "--",
-         "python", "jobs/segment_bucket.py", "--input", str(image_dir), "--output", str(output),
-         "--model", str(untrained_model)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    for _ in range(30):  # the head's job agent comes up a little after its dashboard
+        result = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", str(working_dir), "--",
+             "python", "jobs/segment_bucket.py", "--input", str(image_dir), "--output", str(output),
+             "--model", str(untrained_model)],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        if "No available agent" not in result.stderr:
+            break
+        time.sleep(2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout + result.stderr
     assert "done: 6 segmented" in result.stdout
