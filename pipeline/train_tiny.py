@@ -124,7 +124,6 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train(out_dir: Path, steps: int, minutes: float, seed: int, batch_size: int, eval_every: int,
           eval_count: int, log_every: int = 20) -> list[dict]:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_model(seed).train()
     processor = MaskFormerImageProcessor(size=IMAGE_SIZE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
@@ -168,7 +167,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-count", type=int, default=100, help="held-out scenes per evaluation")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     train(args.out_dir, args.steps, args.minutes, args.seed, args.batch_size, args.eval_every, args.eval_count)
 
 
