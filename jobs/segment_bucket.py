@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python jobs/segment_bucket.py --input s3://b/in --output s3://b/out
 
 Outputs under --output: panoptic/<key>.png, tables/images/*.parquet, tables/errors/*.parquet,
-coco/panoptic.json, report.json. Rerunning the same command resumes: committed images are skipped.
+coco/panoptic.json, report.json; with --tasks semantic,instance also semantic/<key>.png and
+coco/instances.json. Rerunning the same command resumes: committed images are skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pipeline.config import PostprocessConfig  # noqa: E402
+from pipeline.config import TASKS, PostprocessConfig  # noqa: E402
 from pipeline.labels import LabelMapError  # noqa: E402
 from pipeline.listing import InputError  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
@@ -58,6 +59,13 @@ def _id_set(text: str) -> frozenset[int]:
         raise argparse.ArgumentTypeError("expected comma-separated label ids, e.g. 0,1") from None
 
 
+def _tasks(text: str) -> tuple[str, ...]:
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    if "panoptic" not in tasks or not set(tasks) <= set(TASKS):
+        raise argparse.ArgumentTypeError(f"expected panoptic plus any of {', '.join(TASKS[1:])}, comma-separated")
+    return tasks
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -94,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="images per committed shard: the unit of resume (default: 64)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="inference precision (default: auto = bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--tasks", type=_tasks, default=("panoptic",),
+                   help="outputs to make, comma-separated: panoptic (always), semantic (class-id PNGs), instance "
+                        "(COCO RLE masks of things, coco/instances.json) (default: panoptic)")
     p.add_argument("--threshold", type=_fraction, default=0.5,
                    help="minimum class score for a query to become a segment (default: 0.5)")
     p.add_argument("--mask-threshold", type=_fraction, default=0.5,
@@ -120,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         max_error_ratio=args.max_error_ratio,
         storage=StorageConfig(endpoint_url=args.endpoint_url, anonymous=args.anonymous),
         postprocess=PostprocessConfig(args.threshold, args.mask_threshold, args.overlap_mask_area_threshold,
-                                      args.label_ids_to_fuse),
+                                      args.label_ids_to_fuse, args.tasks),
         execution=ExecutionConfig(batch_size=args.batch_size, concurrency=args.concurrency,
                                   shard_size=args.shard_size),
     )

@@ -1,4 +1,5 @@
-"""Rebuild `coco/panoptic.json` from every committed shard, streaming: memory stays flat.
+"""Rebuild `coco/panoptic.json` (and `coco/instances.json`) from every committed shard,
+streaming: memory stays flat.
 
 Image `file_name` is the key (the input's path relative to --input); annotation `file_name` is
 the PNG's path relative to `panoptic/`, so COCO panoptic tools take `<output>/panoptic` as the
@@ -18,6 +19,7 @@ from pipeline.shards import IMAGES_DIR, PANOPTIC_DIR, iter_committed
 from pipeline.storage import OutputStore
 
 PANOPTIC_JSON = "coco/panoptic.json"
+INSTANCES_JSON = "coco/instances.json"
 
 
 class DuplicateImageId(RuntimeError):
@@ -57,23 +59,33 @@ def _write_array(f, items) -> None:
     f.write(b"]")
 
 
+def _images(store: OutputStore, totals: DatasetTotals):
+    """COCO `images` entries of every committed image; refuses a duplicate image id."""
+    seen = set()
+    for table in iter_committed(store, IMAGES_DIR, columns=["key", "width", "height"]):
+        for row in table.to_pylist():
+            ident = image_id(row["key"])
+            if ident in seen:
+                raise DuplicateImageId(f"image id {ident} of key {row['key']!r} is not unique")
+            seen.add(ident)
+            totals.images += 1
+            yield {"id": ident, "file_name": row["key"], "width": row["width"], "height": row["height"]}
+
+
+def _write_dataset(store: OutputStore, path: str, totals: DatasetTotals, annotations, categories: list[dict]) -> None:
+    """Two passes over the committed tables (images, then annotations) so that nothing but the
+    set of image ids is held in memory."""
+    with store.open_atomic(path) as f:
+        f.write(b'{"images": ')
+        _write_array(f, _images(store, totals))
+        f.write(b',\n"annotations": ')
+        _write_array(f, annotations)
+        f.write(b',\n"categories": ' + json.dumps(categories).encode() + b"}\n")
+
+
 def write_panoptic_json(store: OutputStore, categories: Sequence[Category]) -> DatasetTotals:
-    """Stream every committed image into COCO panoptic JSON; returns the dataset totals.
-
-    Two passes over the committed tables (images, then annotations) so that nothing but the
-    set of image ids is held in memory.
-    """
-    totals, seen = DatasetTotals(), set()
-
-    def images():
-        for table in iter_committed(store, IMAGES_DIR, columns=["key", "width", "height"]):
-            for row in table.to_pylist():
-                ident = image_id(row["key"])
-                if ident in seen:
-                    raise DuplicateImageId(f"image id {ident} of key {row['key']!r} is not unique")
-                seen.add(ident)
-                totals.images += 1
-                yield {"id": ident, "file_name": row["key"], "width": row["width"], "height": row["height"]}
+    """Stream every committed image into COCO panoptic JSON; returns the dataset totals."""
+    totals = DatasetTotals()
 
     def annotations():
         for table in iter_committed(store, IMAGES_DIR, columns=["key", "panoptic_png", "segments"]):
@@ -83,10 +95,22 @@ def write_panoptic_json(store: OutputStore, categories: Sequence[Category]) -> D
                     totals.pixels[s["category_id"]] += s["area"]
                 yield _annotation(row)
 
-    with store.open_atomic(PANOPTIC_JSON) as f:
-        f.write(b'{"images": ')
-        _write_array(f, images())
-        f.write(b',\n"annotations": ')
-        _write_array(f, annotations())
-        f.write(b',\n"categories": ' + json.dumps([c.coco() for c in categories]).encode() + b"}\n")
+    _write_dataset(store, PANOPTIC_JSON, totals, annotations(), [c.coco() for c in categories])
     return totals
+
+
+def write_instances_json(store: OutputStore, categories: Sequence[Category]) -> None:
+    """Stream every committed image's thing instances into COCO instance-segmentation JSON
+    (compressed RLE masks, with scores: loadable by pycocotools as ground truth or results)."""
+
+    def annotations():
+        for table in iter_committed(store, IMAGES_DIR, columns=["key", "width", "height", "instances"]):
+            for row in table.to_pylist():
+                for inst in row["instances"] or ():
+                    yield {"id": image_id(f"{row['key']}#{inst['id']}"), "image_id": image_id(row["key"]),
+                           "category_id": inst["category_id"], "iscrowd": 0, "score": inst["score"],
+                           "area": inst["area"], "bbox": list(inst["bbox"]),
+                           "segmentation": {"size": [row["height"], row["width"]], "counts": inst["rle"]}}
+
+    things = [c.coco() for c in categories if c.isthing]
+    _write_dataset(store, INSTANCES_JSON, DatasetTotals(), annotations(), things)

@@ -5,16 +5,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+TASKS = ("panoptic", "semantic", "instance")
+
+
 @dataclass(frozen=True)
 class PostprocessConfig:
-    """Parameters of panoptic post-processing; defaults are transformers' own."""
+    """Which outputs to make and the post-processing parameters; defaults are transformers' own.
+
+    Panoptic is always made: its segments table is the commit record every run resumes from.
+    """
 
     threshold: float = 0.5
     mask_threshold: float = 0.5
     overlap_mask_area_threshold: float = 0.8
     label_ids_to_fuse: frozenset[int] = field(default_factory=frozenset)
+    tasks: tuple[str, ...] = ("panoptic",)
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown or "panoptic" not in self.tasks:
+            raise ValueError(f"tasks must include panoptic and be among {', '.join(TASKS)}, got {', '.join(self.tasks)}")
+        object.__setattr__(self, "tasks", tuple(t for t in TASKS if t in self.tasks))
         for name in ("threshold", "mask_threshold", "overlap_mask_area_threshold"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

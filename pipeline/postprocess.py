@@ -1,4 +1,4 @@
-"""Panoptic post-processing of MaskFormer outputs, vectorised over queries, on the logits' device.
+"""Panoptic and semantic post-processing of MaskFormer outputs, vectorised, on the logits' device.
 
 Same segments as transformers' `post_process_panoptic_segmentation(..., target_sizes=...)` on the
 same logits (same operations in the same order, so the same floats), with three differences made
@@ -190,3 +190,25 @@ def panoptic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
         probs = mask_logits[i, kept, :vh, :vw].sigmoid()
         results.append(_one_image(probs, scores[i, kept], labels[i, kept], tuple(target), config))
     return results
+
+
+def semantic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
+                          valid_sizes: Sequence[tuple[int, int]],
+                          target_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """Class-id map of each image at its original size, as `post_process_semantic_segmentation`.
+
+    Same inputs as `panoptic_segmentation`. The reference upsamples all C class maps
+    (einsum of class probabilities and mask probabilities) and takes the argmax; the argmax of the
+    upsampled maps is what `_query_areas` computes, interpolating only the pixels of mixed cells.
+    Returns per image (H, W) uint8 when C <= 256 classes, else uint16.
+    """
+    class_probs = F.softmax(class_logits, dim=-1)[..., :-1]  # (B, Q, C)
+    classes = class_probs.shape[-1]
+    maps = []
+    for i, ((vh, vw), target) in enumerate(zip(valid_sizes, target_sizes)):
+        class_maps = torch.einsum(  # batched, as the reference: same kernel, same floats
+            "bqc,bqhw->bchw", class_probs[i:i + 1], mask_logits[i:i + 1, :, :vh, :vw].sigmoid())[0]
+        ones = torch.ones(classes, dtype=class_maps.dtype, device=class_maps.device)
+        *_, winner = _query_areas(class_maps, ones, tuple(target), float("inf"))  # x 1.0 is exact
+        maps.append(winner.to(torch.uint8 if classes <= 256 else torch.int32).cpu().numpy())
+    return [m if m.dtype == np.uint8 else m.astype(np.uint16) for m in maps]

@@ -1,7 +1,8 @@
 """Inference: a callable class for Ray Data's `map_batches` (loads the model once per actor).
 
 Per batch: pad the resized uint8 images into one tensor, normalise on the device, forward,
-post-process on the device, and return only the segment-id maps and segment records.
+post-process on the device, and return only small results: the segment-id maps and segment
+records, plus the semantic maps and instance masks (as COCO RLE) when those tasks are asked for.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from pycocotools import mask as rle
 
 from pipeline.config import PostprocessConfig
 from pipeline.encode import smallest_id_dtype
 from pipeline.failures import INFER
 from pipeline.model import ModelSource, load_model, load_processor, local_dir
-from pipeline.postprocess import panoptic_segmentation
+from pipeline.postprocess import panoptic_segmentation, semantic_segmentation
+from pipeline.postprocess_instance import instance_segmentation
 from pipeline.remote import StorageConfig
-from pipeline.results import PanopticResult
+from pipeline.results import ImageResult, InstanceResult, PanopticResult
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,6 +74,15 @@ def _segments_json(result: PanopticResult) -> str:
     return json.dumps([[s.id, s.label_id, round(s.score, 6), s.area, *s.bbox] for s in result.segments])
 
 
+def _instances_json(result: InstanceResult | None) -> str:
+    """[[label_id, score, area, x, y, w, h, RLE counts], ...]: masks leave the actor compressed."""
+    if result is None:
+        return "[]"
+    return json.dumps([[i.label_id, i.score, i.area, *i.bbox,
+                        rle.encode(np.asfortranarray(i.mask, dtype=np.uint8))["counts"].decode()]
+                       for i in result.instances])
+
+
 class Predictor:
     """`map_batches(Predictor, fn_constructor_kwargs={"config": ...}, concurrency=(min, max))`."""
 
@@ -81,14 +93,14 @@ class Predictor:
         self.processor = load_processor(directory)
         self.model = load_model(directory, self.device)
 
-    def infer(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[PanopticResult]:
+    def infer(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[ImageResult]:
         """Resized (3, h, w) uint8 images + original (H, W) sizes -> one result per image.
 
         One forward pass per distinct image shape in the batch: padding would change what the
         model sees (measured on the bundled model: PQ 0.63 between padded and unpadded runs), so
         a result would depend on its batch neighbours.
         """
-        results: list[PanopticResult | None] = [None] * len(images)
+        results: list[ImageResult | None] = [None] * len(images)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):
             by_shape.setdefault(image.shape, []).append(i)
@@ -97,7 +109,7 @@ class Predictor:
                 results[i] = result
         return results
 
-    def _forward(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[PanopticResult]:
+    def _forward(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[ImageResult]:
         pixels, pixel_mask = pad_batch(images, self.device)
         with torch.inference_mode(), torch.autocast(
             device_type=self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype != torch.float32
@@ -107,13 +119,19 @@ class Predictor:
         padded_h, padded_w = pixels.shape[-2:]
         valid = [(round(im.shape[1] * masks.shape[-2] / padded_h), round(im.shape[2] * masks.shape[-1] / padded_w))
                  for im in images]
-        return panoptic_segmentation(outputs.class_queries_logits.float(), masks, valid, sizes,
-                                     self.config.postprocess)
+        classes, post = outputs.class_queries_logits.float(), self.config.postprocess
+        n = len(images)
+        panoptic = panoptic_segmentation(classes, masks, valid, sizes, post)
+        semantic = semantic_segmentation(classes, masks, valid, sizes) if "semantic" in post.tasks else [None] * n
+        instances = (instance_segmentation(classes, masks, valid, sizes, post.threshold)
+                     if "instance" in post.tasks else [None] * n)
+        return [ImageResult(*parts) for parts in zip(panoptic, semantic, instances)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
         ids, segments = np.empty(n, dtype=object), np.full(n, "[]", dtype=object)
-        ids[:] = [np.zeros((0, 0), np.uint8)] * n
+        semantic, instances = np.empty(n, dtype=object), np.full(n, "[]", dtype=object)
+        ids[:] = semantic[:] = [np.zeros((0, 0), np.uint8)] * n  # (0, 0): no map (failed, or not asked)
         todo = [i for i in range(n) if not batch["error_type"][i]]
         error_type, error_stage = batch["error_type"].astype(object), batch["error_stage"].astype(object)
         error_message = batch["error_message"].astype(object)
@@ -124,12 +142,16 @@ class Predictor:
                 results = self.infer([batch["image"][i] for i in todo],
                                      [(int(batch["height"][i]), int(batch["width"][i])) for i in todo])
                 for i, result in zip(todo, results):
-                    ids[i], segments[i] = smallest_id_dtype(result.segment_ids), _segments_json(result)
+                    ids[i], segments[i] = smallest_id_dtype(result.panoptic.segment_ids), _segments_json(result.panoptic)
+                    if result.semantic is not None:
+                        semantic[i] = result.semantic
+                    instances[i] = _instances_json(result.instances)
             except (RuntimeError, ValueError) as exc:  # e.g. out of memory on a huge batch: error rows
                 for i in todo:
                     error_stage[i], error_type[i], error_message[i] = INFER, type(exc).__name__, str(exc)[:500]
             seconds[todo] = (time.perf_counter() - start) / len(todo)
         passthrough = {name: column for name, column in batch.items() if name != "image"}
-        return {**passthrough, "segment_ids": ids, "segments": segments.astype(str), "seconds_infer": seconds,
+        return {**passthrough, "segment_ids": ids, "segments": segments.astype(str), "semantic": semantic,
+                "instances": instances.astype(str), "seconds_infer": seconds,
                 "error_stage": error_stage.astype(str), "error_type": error_type.astype(str),
                 "error_message": error_message.astype(str)}

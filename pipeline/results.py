@@ -42,3 +42,46 @@ class PanopticResult:
             raise ValueError(
                 f"segment_ids must be (H, W) int32, got {self.segment_ids.shape} {self.segment_ids.dtype}"
             )
+
+
+@dataclass(frozen=True)
+class InstanceMask:
+    """One instance of one image: a binary mask at the original size. Instances may overlap.
+
+    `label_id` is the model's class index; `score` the reference's (class score x mean mask
+    probability inside the mask); `area` and `bbox` (COCO `[x, y, width, height]`) are the mask's.
+    mask: (H, W) bool.
+    """
+
+    label_id: int
+    score: float
+    area: int
+    bbox: tuple[int, int, int, int]
+    mask: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.mask.ndim != 2 or self.mask.dtype != np.bool_:
+            raise ValueError(f"mask must be (H, W) bool, got {self.mask.shape} {self.mask.dtype}")
+
+
+@dataclass(frozen=True)
+class InstanceResult:
+    """Instance segmentation of one image at its original (H, W) size.
+
+    instances: in the reference's order (transformers numbers them 0, 1, ... in this order).
+    """
+
+    size: tuple[int, int]
+    instances: tuple[InstanceMask, ...]
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What inference made of one image, per task asked for (None = not asked).
+
+    semantic: (H, W) uint8 (<= 256 classes) or uint16 map of the model's class indices.
+    """
+
+    panoptic: PanopticResult
+    semantic: np.ndarray | None = None
+    instances: InstanceResult | None = None

@@ -17,7 +17,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.coco import write_panoptic_json
+from pipeline.coco import write_instances_json, write_panoptic_json
 from pipeline.config import PostprocessConfig
 from pipeline.labels import load_categories
 from pipeline.listing import InputError, iter_inputs
@@ -136,7 +136,8 @@ def _settings(config: RunConfig, model_dir, categories) -> dict:
     return {"model": config.model, "model_digest": weights_digest(model_dir),
             "categories": [c.coco() | {"label_id": c.label_id} for c in categories], "dtype": config.dtype,
             "postprocess": {**asdict(config.postprocess),
-                            "label_ids_to_fuse": sorted(config.postprocess.label_ids_to_fuse)}}
+                            "label_ids_to_fuse": sorted(config.postprocess.label_ids_to_fuse),
+                            "tasks": list(config.postprocess.tasks)}}
 
 
 def _utc() -> str:
@@ -166,12 +167,15 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     # rather than attach to whatever /tmp/ray last pointed at (a killed run leaves a dead pointer).
     ray.init(address=None if "RAY_ADDRESS" in os.environ else "local", ignore_reinit_error=True,
              log_to_driver=False, include_dashboard=False)
-    dataset = _plan(config, ShardOutput(store, categories, run_id, config.model, config.storage))
+    dataset = _plan(config, ShardOutput(store, categories, run_id, config.model, config.storage,
+                                        config.postprocess.tasks))
     finished = _drive(dataset.iter_batches(batch_size=None, batch_format="numpy"), counts, progress,
                       config.max_error_ratio)
     if config.previews:
         write_index(store, store.find(PREVIEWS_DIR, ".jpg"))
     totals = write_panoptic_json(store, categories)
+    if "instance" in config.postprocess.tasks:
+        write_instances_json(store, categories)
     counts.wall_seconds = time.monotonic() - started
     record = {"run_id": run_id, "started": started_at, "input": config.input,
               "execution": asdict(config.execution), **settings}

@@ -1,7 +1,8 @@
 """Write one shard of results and commit it.
 
 A shard is one batch of the write stage. Its outputs are written in this order:
-  1. panoptic/<key>.png for every segmented image (named by key: a redo overwrites),
+  1. panoptic/<key>.png (and semantic/<key>.png with --tasks semantic) for every segmented
+     image (named by key: a redo overwrites),
   2. tables/errors/<shard>.parquet (if any image failed),
   3. tables/images/<shard>.parquet: the commit record. A shard is committed when, and only
      when, this file exists; it is written last and atomically.
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.decode import decode_image
-from pipeline.encode import panoptic_png
+from pipeline.encode import panoptic_png, png_bytes
 from pipeline.labels import Category
 from pipeline.read import read_bytes
 from pipeline.previews import write_preview
@@ -34,6 +35,7 @@ from schemas import tables
 IMAGES_DIR = "tables/images"
 ERRORS_DIR = "tables/errors"
 PANOPTIC_DIR = "panoptic"
+SEMANTIC_DIR = "semantic"
 PART_SUFFIX = ".parquet"
 
 
@@ -46,6 +48,7 @@ class ShardOutput:
     run_id: str
     model: str
     input_storage: StorageConfig = StorageConfig()  # to re-read the few inputs that get a preview
+    tasks: tuple[str, ...] = ("panoptic",)
 
 
 def panoptic_png_path(key: str) -> str:
@@ -66,6 +69,24 @@ def _segment_rows(segments_json: str, categories: Sequence[Category]) -> list[di
                      "isthing": category.isthing, "score": float(score), "area": int(area),
                      "bbox": [int(x), int(y), int(w), int(h)]})
     return rows
+
+
+def _instance_rows(instances_json: str, categories: Sequence[Category]) -> list[dict]:
+    """Thing instances only: COCO instances are things; stuff lives in the panoptic map."""
+    rows = []
+    for label_id, score, area, x, y, w, h, counts in json.loads(instances_json):
+        category = categories[int(label_id)]
+        if category.isthing:
+            rows.append({"id": len(rows) + 1, "category_id": category.id, "label": category.name,
+                         "score": float(score), "area": int(area), "bbox": [int(x), int(y), int(w), int(h)],
+                         "rle": counts})
+    return rows
+
+
+def semantic_png(label_map: np.ndarray, categories: Sequence[Category]) -> bytes:
+    """(H, W) model class indices -> PNG of COCO category ids: 8-bit when they fit, else 16-bit."""
+    ids = np.array([c.id for c in categories])
+    return png_bytes(ids.astype(np.uint8 if ids.max() < 256 else np.uint16)[label_map])
 
 
 def _preview(out: ShardOutput, key: str, uri: str, segment_ids: np.ndarray, segments: list[dict]) -> None:
@@ -92,8 +113,14 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
         segments = _segment_rows(str(batch["segments"][i]), out.categories)
         if batch["preview"][i]:
             _preview(out, row["key"], row["uri"], segment_ids, segments)
+        semantic = None
+        if "semantic" in out.tasks:
+            semantic = f"{SEMANTIC_DIR}/{row['key']}.png"
+            store.write_bytes(semantic, semantic_png(np.asarray(batch["semantic"][i]), out.categories))
+        instances = _instance_rows(str(batch["instances"][i]), out.categories) if "instance" in out.tasks else None
         images.append(row | {"width": int(batch["width"][i]), "height": int(batch["height"][i]),
-                             "panoptic_png": png, "model": out.model, "segments": segments})
+                             "panoptic_png": png, "model": out.model, "segments": segments,
+                             "semantic_png": semantic, "instances": instances})
     shard = uuid.uuid4().hex
     if errors:
         store.write_bytes(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))

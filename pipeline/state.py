@@ -14,7 +14,7 @@ from pipeline.storage import OutputStore
 
 SETTINGS = "_state/settings.json"
 RUNS_DIR = "_state/runs"
-OUTPUT_DIRS = ("panoptic", "tables", "coco", "_state")
+OUTPUT_DIRS = ("panoptic", "semantic", "previews", "tables", "coco", "_state")
 OUTPUT_FILES = ("report.json",)
 
 

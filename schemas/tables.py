@@ -1,6 +1,7 @@
 """Arrow schemas of the output tables under `<output>/tables/`.
 
-tables/images/*.parquet  one row per segmented image
+tables/images/*.parquet  one row per segmented image: its panoptic segments and, when asked
+                         for, its semantic map's path and its thing instances
 tables/errors/*.parquet  one row per input that failed
 
 Readable by DuckDB, Spark, pandas: e.g.
@@ -22,6 +23,18 @@ SEGMENT = pa.struct(
     ]
 )
 
+INSTANCE = pa.struct(  # --tasks instance: thing instances, may overlap (transformers' instance post-processing)
+    [
+        pa.field("id", pa.int32(), nullable=False),  # 1.. in the model's order
+        pa.field("category_id", pa.int32(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("area", pa.int64(), nullable=False),
+        pa.field("bbox", pa.list_(pa.int32(), 4), nullable=False),
+        pa.field("rle", pa.string(), nullable=False),  # COCO compressed RLE counts; size = [height, width]
+    ]
+)
+
 IMAGES = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),  # stable id of the input, relative to --input
@@ -32,6 +45,8 @@ IMAGES = pa.schema(
         pa.field("model", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("segments", pa.list_(SEGMENT), nullable=False),
+        pa.field("semantic_png", pa.string()),  # --tasks semantic: path relative to --output, else null
+        pa.field("instances", pa.list_(INSTANCE)),  # --tasks instance, else null
     ]
 )
 

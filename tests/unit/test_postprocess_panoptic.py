@@ -16,13 +16,14 @@ REFERENCE = MaskFormerImageProcessor()
 
 
 def blob_logits(batch: int, queries: int, classes: int, h: int, w: int, seed: int):
-    """Confident blob masks on a jittered 4x5 grid (the first 20 queries), the rest random blobs
+    """Confident blob masks on a jittered 4x5 grid (the first 20 queries, or all if fewer), the rest random blobs
     overlapping them, and peaked class scores: many queries survive, many compete for pixels."""
     g = torch.Generator().manual_seed(seed)
     ys, xs = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
     grid = torch.stack(torch.meshgrid(torch.arange(4) / 4 + 0.125, torch.arange(5) / 5 + 0.1, indexing="ij"), -1)
     centers = torch.rand(batch, queries, 2, generator=g)
-    centers[:, :20] = grid.reshape(20, 2) + 0.03 * torch.randn(batch, 20, 2, generator=g)
+    on_grid = min(queries, 20)
+    centers[:, :on_grid] = grid.reshape(20, 2)[:on_grid] + 0.03 * torch.randn(batch, on_grid, 2, generator=g)
     radius = 0.07 + 0.05 * torch.rand(batch, queries, 1, 1, generator=g)
     dist = ((ys - centers[..., 0, None, None]) ** 2 + (xs - centers[..., 1, None, None]) ** 2).sqrt()
     masks = 40 * (radius - dist) + 0.5 * torch.randn(batch, queries, h, w, generator=g)
