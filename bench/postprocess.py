@@ -1,4 +1,4 @@
-"""Panoptic post-processing: transformers' reference vs ours, on the same logits, side by side.
+"""Post-processing: transformers' reference vs ours, on the same logits, side by side, per task.
 
     .venv/bin/python bench/postprocess.py [--repeat 3]
 
@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import PostprocessConfig  # noqa: E402
-from pipeline.postprocess import panoptic_segmentation  # noqa: E402
+from pipeline.postprocess import panoptic_segmentation, semantic_segmentation  # noqa: E402
+from pipeline.postprocess_instance import instance_segmentation  # noqa: E402
 
 BATCH, QUERIES, CLASSES, MASK_H, MASK_W, TARGET = 8, 100, 133, 200, 267, (480, 640)
 
@@ -52,18 +53,50 @@ def random_logits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return classes, torch.randn(BATCH, QUERIES, MASK_H, MASK_W, generator=g)
 
 
-def reference(classes, masks, config: PostprocessConfig):
+def _outputs(classes, masks) -> SimpleNamespace:
+    return SimpleNamespace(class_queries_logits=classes, masks_queries_logits=masks.clone())
+
+
+def _processor():
     from transformers import MaskFormerImageProcessor
 
-    outputs = SimpleNamespace(class_queries_logits=classes, masks_queries_logits=masks.clone())
-    return MaskFormerImageProcessor().post_process_panoptic_segmentation(
-        outputs, threshold=config.threshold, mask_threshold=config.mask_threshold,
-        overlap_mask_area_threshold=config.overlap_mask_area_threshold, label_ids_to_fuse=set(),
-        target_sizes=[TARGET] * BATCH)
+    return MaskFormerImageProcessor()
 
 
-def ours(classes, masks, config: PostprocessConfig):
-    return panoptic_segmentation(classes, masks, [(MASK_H, MASK_W)] * BATCH, [TARGET] * BATCH, config)
+def panoptic_pair(config: PostprocessConfig):
+    """(reference, ours, segments per image) for panoptic."""
+    def reference(classes, masks):
+        return _processor().post_process_panoptic_segmentation(
+            _outputs(classes, masks), threshold=config.threshold, mask_threshold=config.mask_threshold,
+            overlap_mask_area_threshold=config.overlap_mask_area_threshold, label_ids_to_fuse=set(),
+            target_sizes=[TARGET] * BATCH)
+
+    def ours(classes, masks):
+        return panoptic_segmentation(classes, masks, [(MASK_H, MASK_W)] * BATCH, [TARGET] * BATCH, config)
+
+    return reference, ours, lambda results: sum(len(r.segments) for r in results) / BATCH
+
+
+def semantic_pair(config: PostprocessConfig):
+    def reference(classes, masks):
+        return _processor().post_process_semantic_segmentation(_outputs(classes, masks), target_sizes=[TARGET] * BATCH)
+
+    def ours(classes, masks):
+        return semantic_segmentation(classes, masks, [(MASK_H, MASK_W)] * BATCH, [TARGET] * BATCH)
+
+    return reference, ours, lambda results: sum(len(set(m.ravel().tolist())) for m in results) / BATCH
+
+
+def instance_pair(config: PostprocessConfig):
+    def reference(classes, masks):
+        return _processor().post_process_instance_segmentation(
+            _outputs(classes, masks), threshold=config.threshold, target_sizes=[TARGET] * BATCH,
+            return_binary_maps=True)
+
+    def ours(classes, masks):
+        return instance_segmentation(classes, masks, [(MASK_H, MASK_W)] * BATCH, [TARGET] * BATCH, config.threshold)
+
+    return reference, ours, lambda results: sum(len(r.instances) for r in results) / BATCH
 
 
 def best_of(fn, repeat: int) -> float:
@@ -82,13 +115,17 @@ def main() -> None:
     config = PostprocessConfig()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, {QUERIES} queries, "
           f"{CLASSES} classes, masks {MASK_H}x{MASK_W} -> {TARGET[1]}x{TARGET[0]}")
-    print(f"{'logits':10s} {'segments/img':>12s} {'reference s':>12s} {'ours s':>8s} {'speed-up':>9s}")
-    for name, make in (("realistic", realistic_logits), ("random", random_logits)):
+    print(f"{'task':9s} {'logits':10s} {'found/img':>10s} {'reference s':>12s} {'ours s':>8s} {'speed-up':>9s}")
+    cases = [("panoptic", panoptic_pair, realistic_logits), ("panoptic", panoptic_pair, random_logits),
+             ("semantic", semantic_pair, realistic_logits), ("instance", instance_pair, realistic_logits)]
+    for task, pair, make in cases:
         classes, masks = make()
-        segments = sum(len(r.segments) for r in ours(classes, masks, config)) / BATCH
-        t_ref = best_of(lambda: reference(classes, masks, config), args.repeat)
-        t_ours = best_of(lambda: ours(classes, masks, config), args.repeat)
-        print(f"{name:10s} {segments:12.1f} {t_ref:12.3f} {t_ours:8.3f} {t_ref / t_ours:8.1f}x")
+        reference, ours, found = pair(config)
+        per_image = found(ours(classes, masks))
+        t_ref = best_of(lambda: reference(classes, masks), args.repeat)
+        t_ours = best_of(lambda: ours(classes, masks), args.repeat)
+        print(f"{task:9s} {make.__name__.removesuffix('_logits'):10s} {per_image:10.1f} {t_ref:12.3f} "
+              f"{t_ours:8.3f} {t_ref / t_ours:8.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def _uniform_cells(scaled: torch.Tensor, mask_threshold: float) -> tuple[torch.T
     above (or below) the threshold at all four corners it is so everywhere inside.
     scaled: (K, h, w) -> owner (h, w) int64, uniform (h, w) bool, above (K, h, w) bool.
     """
-    owner = scaled.argmax(0)
+    owner = scaled.max(0).indices  # first max, as argmax; argmax(0) is ~6x slower on CPU
     above = scaled >= mask_threshold
 
     def mixed(x: torch.Tensor) -> torch.Tensor:  # (..., h, w) -> (..., h, w): corners differ
@@ -121,22 +121,24 @@ def _query_areas(probs: torch.Tensor, scores: torch.Tensor, target: tuple[int, i
     if ys.numel() > _MAX_MIXED_SHARE * target[0] * target[1]:  # noise-like masks: plain upsampling is cheaper
         scaled = F.interpolate(probs[None], size=target, mode="bilinear", align_corners=False)[0]
         scaled *= scores.view(-1, 1, 1)
-        winner = scaled.argmax(0)
+        winner = scaled.max(0).indices
         return (torch.bincount(winner.reshape(-1), minlength=k),
                 (scaled >= mask_threshold).reshape(k, -1).sum(1), winner)
     cell_pixels = (torch.bincount(rows[0], minlength=h)[:, None] * torch.bincount(cols[0], minlength=w)[None, :])
     settled = (cell_pixels * uniform).reshape(-1)
     area = torch.bincount(owner.reshape(-1), weights=settled.to(torch.float64), minlength=k).to(torch.int64)
-    original = (above.reshape(k, -1).to(torch.int64) * settled).sum(1)
+    # counts as float64 matrix-vector products: exact (integers < 2**53) and ~7x faster than int64 sums
+    original = above.reshape(k, -1).to(torch.float64).mv(settled.to(torch.float64)).to(torch.int64)
     winner = upsample(owner)  # exact wherever the cell is uniform
     pixels_by_query = probs.reshape(k, -1).T.contiguous()
+    ones = torch.ones(_PIXELS_PER_CHUNK, dtype=torch.float32, device=probs.device)
     for start in range(0, ys.numel(), _PIXELS_PER_CHUNK):
         y, x = ys[start:start + _PIXELS_PER_CHUNK], xs[start:start + _PIXELS_PER_CHUNK]
         values = _interpolate_at(pixels_by_query, w, tuple(r[y] for r in rows), tuple(c[x] for c in cols))
         values *= scores  # the reference scales after interpolating: same floats
-        best = values.argmax(1)
+        best = values.max(1).indices
         area += torch.bincount(best, minlength=k)
-        original += (values >= mask_threshold).sum(0)
+        original += (values >= mask_threshold).T.to(torch.float32).mv(ones[: len(y)]).to(torch.int64)  # < 2**24
         winner[y, x] = best
     return area, original, winner
 
