@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.run import RunConfig, run
+from pipeline.run import ExecutionConfig, RunConfig, run
 from pipeline.scenes import generate_scenes
 from tests.integration.conftest import coco, images_table, segment_maps
 
@@ -119,3 +120,46 @@ def test_changed_settings_are_refused_unless_overwrite(ray_runtime, tmp_path, im
     report = run(RunConfig(input=str(image_dir), output=str(output), limit=2, overwrite=True,
                            postprocess=PostprocessConfig(0.7)), progress=lambda _: None)
     assert report["run"]["processed"] == 2 and report["settings"]["postprocess"]["threshold"] == 0.7
+
+
+def _predictor_pids() -> list[int]:
+    """Ray names an actor's process after it: `ray::MapWorker(MapBatches(Predictor))...`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmdline.startswith("ray::") and "Predictor" in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_killed_predictor_actor_is_restarted_and_nothing_is_lost(ray_runtime, tmp_path):
+    images = generate_scenes(tmp_path / "scenes", count=60, seed=41) / "images"
+    output = tmp_path / "out"
+    killed: list[int] = []
+    rows_at_kill: list[int] = []
+
+    def kill_predictor_once() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            rows = committed_rows(output)
+            if rows >= 8:  # inference is well under way, and more is to come
+                rows_at_kill.append(rows)
+                for pid in _predictor_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_predictor_once)
+    killer.start()
+    report = run(RunConfig(input=str(images), output=str(output),
+                           execution=ExecutionConfig(batch_size=2, shard_size=4)), progress=lambda _: None)
+    killer.join()
+    assert killed, "no Predictor actor process was found: nothing was tested"
+    assert rows_at_kill[0] < 60  # killed mid-run, with images still to infer
+    assert report["run"]["ok"] == 60 and report["run"]["failed"] == 0
+    keys = [r["key"] for r in images_table(output)]
+    assert sorted(keys) == sorted(p.name for p in images.iterdir())  # each exactly once
