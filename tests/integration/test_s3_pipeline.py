@@ -92,3 +92,29 @@ def test_no_secret_in_logs_or_outputs(s3_runs):
         assert SECRET_KEY not in log.stdout + log.stderr
     for path in fs.find("results"):
         assert SECRET_KEY.encode() not in fs.cat(path)
+
+
+def test_s3_listing_streams_page_by_page(s3_server, monkeypatch):
+    """The first key arrives after one LIST request of 1,000 keys, not after the whole prefix."""
+    import s3fs
+
+    from pipeline.listing import iter_inputs
+    from pipeline.remote import StorageConfig
+
+    fs = s3_server.filesystem()
+    fs.mkdir("paged")
+    fs.pipe({f"paged/many/img_{i:05d}.jpg": b"x" for i in range(2100)})
+    requests: list[str] = []
+    call_s3 = s3fs.S3FileSystem.call_s3
+
+    def counting(self, method, *args, **kwargs):  # the real call, counted
+        requests.append(method)
+        return call_s3(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "call_s3", counting)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.env()["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.env()["AWS_SECRET_ACCESS_KEY"])
+    keys = iter_inputs("s3://paged/many", StorageConfig(endpoint_url=s3_server.endpoint))
+    assert next(keys) == ("img_00000.jpg", "s3://paged/many/img_00000.jpg")
+    assert requests.count("list_objects_v2") == 1
+    assert len(list(keys)) == 2099 and requests.count("list_objects_v2") == 3
