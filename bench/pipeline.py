@@ -7,16 +7,25 @@
 (c) the pipeline end to end (listing, decode, resize, inference, post-processing, PNG and Parquet
     writes, commit, COCO JSON and report), on an already started Ray runtime.
 
+Images: generated scenes scaled to COCO-like sizes (640x480, 480x640, 640x427, 612x612, 500x375)
+and saved as JPEG, quality 90.
+
     .venv/bin/python bench/pipeline.py [--images 200] [--batch-size 8] [--model bundled]
+    .venv/bin/python bench/pipeline.py --scale 1000,10000   # pipeline only: time and peak memory
+
+Peak memory is the peak, sampled every 0.2 s, of the summed proportional set size (PSS: shared
+pages split between the processes sharing them) of this process and every process under it: the
+driver, the raylet, the object store and every Ray worker.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +41,65 @@ from pipeline.predictor import normalize, pad_batch  # noqa: E402
 from pipeline.preprocess import resize_for_model  # noqa: E402
 from pipeline.run import ExecutionConfig, RunConfig, run  # noqa: E402
 from pipeline.scenes import generate_scenes  # noqa: E402
+
+
+COCO_SIZES = ((640, 480), (480, 640), (640, 427), (612, 612), (500, 375))
+
+
+def coco_like_jpegs(folder: Path, count: int, seed: int) -> Path:
+    """`count` scenes, each resized to a COCO-like (width, height), as JPEGs in `folder`/images."""
+    scenes = generate_scenes(folder / "scenes", min(count, 500), seed=seed) / "images"
+    sources = sorted(scenes.iterdir())
+    out = folder / "images"
+    out.mkdir(parents=True)
+    for i in range(count):
+        image = Image.open(sources[i % len(sources)]).convert("RGB").resize(COCO_SIZES[i % len(COCO_SIZES)])
+        image.save(out / f"img_{i:06d}.jpg", quality=90)
+    return out
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, []))
+    return pids
+
+
+class PeakMemory:
+    """Peak summed PSS of this process tree while the block runs."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, sum(_pss_bytes(p) for p in _tree(os.getpid())))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def hand_loop(files: list[Path], model_dir: Path, out: Path) -> float:
@@ -68,11 +136,29 @@ def bare_forward(files: list[Path], model_dir: Path, batch_size: int, repeat: in
 def pipeline(folder: Path, model: str, batch_size: int, out: Path) -> float:
     import ray
 
-    ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    ray.init(address="local", ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
     start = time.perf_counter()
-    run(RunConfig(input=str(folder), output=str(out), model=model,
-                  execution=ExecutionConfig(batch_size=batch_size)), progress=lambda _: None)
-    return time.perf_counter() - start
+    report = run(RunConfig(input=str(folder), output=str(out), model=model,
+                           execution=ExecutionConfig(batch_size=batch_size)), progress=lambda _: None)
+    seconds = time.perf_counter() - start
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in report["run"]["stage_seconds"].items())
+    print(f"pipeline: {report['run']['ok']} ok, {report['run']['failed']} failed; worker time per stage: {stages}")
+    return seconds
+
+
+def scale(counts: list[int], model: str, batch_size: int) -> None:
+    rows = []
+    for count in counts:
+        with tempfile.TemporaryDirectory() as work:
+            folder = coco_like_jpegs(Path(work), count, seed=9)
+            with PeakMemory() as memory:
+                seconds = pipeline(folder, model, batch_size, Path(work) / "out")
+            rows.append((count, seconds, memory.peak))
+            print(f"{count:6d} images {seconds:8.1f} s {count / seconds:7.2f} images/s "
+                  f"peak PSS {memory.peak / 2**30:.2f} GiB", flush=True)
+    (n0, t0, m0), (n1, t1, m1) = rows[0], rows[-1]
+    print(f"{n1} vs {n0} images: time ratio {t1 / t0:.2f} (images ratio {n1 / n0:.0f}), "
+          f"peak memory ratio {m1 / m0:.2f}")
 
 
 def main() -> None:
@@ -80,10 +166,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model", default="bundled")
+    parser.add_argument("--scale", help="comma-separated image counts: run only the pipeline on each")
     args = parser.parse_args()
+    if args.scale:
+        return scale([int(n) for n in args.scale.split(",")], args.model, args.batch_size)
     model_dir = local_dir(ModelSource(args.model))
     with tempfile.TemporaryDirectory() as work:
-        folder = generate_scenes(Path(work) / "scenes", args.images, seed=9) / "images"
+        folder = coco_like_jpegs(Path(work), args.images, seed=9)
         files = sorted(folder.iterdir())
         t_hand = hand_loop(files, model_dir, Path(work) / "hand")
         t_bare = bare_forward(files, model_dir, args.batch_size)
