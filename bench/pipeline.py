@@ -95,7 +95,19 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.2):
-            self.peak = max(self.peak, sum(_pss_bytes(p) for p in _tree(os.getpid())))
+            sizes = {pid: _pss_bytes(pid) for pid in _tree(os.getpid())}
+            if sum(sizes.values()) > self.peak:
+                self.peak, self.at_peak = sum(sizes.values()), sizes
+
+    def largest(self, count: int = 4) -> str:
+        """The largest processes at the peak, by name."""
+        def name(pid: int) -> str:
+            try:
+                return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()[:48]
+            except OSError:
+                return f"pid {pid} (gone)"
+        top = sorted(self.at_peak.items(), key=lambda item: -item[1])[:count]
+        return ", ".join(f"{name(pid)} {size / 2**20:.0f} MiB" for pid, size in top)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -155,7 +167,7 @@ def scale(counts: list[int], model: str, batch_size: int) -> None:
                 seconds = pipeline(folder, model, batch_size, Path(work) / "out")
             rows.append((count, seconds, memory.peak))
             print(f"{count:6d} images {seconds:8.1f} s {count / seconds:7.2f} images/s "
-                  f"peak PSS {memory.peak / 2**30:.2f} GiB", flush=True)
+                  f"peak PSS {memory.peak / 2**30:.2f} GiB; largest then: {memory.largest()}", flush=True)
     (n0, t0, m0), (n1, t1, m1) = rows[0], rows[-1]
     print(f"{n1} vs {n0} images: time ratio {t1 / t0:.2f} (images ratio {n1 / n0:.0f}), "
           f"peak memory ratio {m1 / m0:.2f}")

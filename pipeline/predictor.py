@@ -19,6 +19,7 @@ from pycocotools import mask as rle
 from pipeline.config import PostprocessConfig
 from pipeline.encode import smallest_id_dtype
 from pipeline.failures import INFER
+from pipeline.memory import release_free_memory
 from pipeline.model import ModelSource, load_model, load_processor, local_dir
 from pipeline.postprocess import panoptic_segmentation, semantic_segmentation
 from pipeline.postprocess_instance import instance_segmentation
@@ -150,6 +151,7 @@ class Predictor:
                 for i in todo:
                     error_stage[i], error_type[i], error_message[i] = INFER, type(exc).__name__, str(exc)[:500]
             seconds[todo] = (time.perf_counter() - start) / len(todo)
+        release_free_memory()
         passthrough = {name: column for name, column in batch.items() if name != "image"}
         return {**passthrough, "segment_ids": ids, "segments": segments.astype(str), "semantic": semantic,
                 "instances": instances.astype(str), "seconds_infer": seconds,

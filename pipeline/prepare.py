@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.memory import release_free_memory
 from pipeline.decode import DEFAULT_MAX_PIXELS, decode_image
 from pipeline.failures import ImageFailure
 from pipeline.model import ModelSource, load_processor, local_dir
@@ -48,5 +49,6 @@ def prepare_batch(batch: dict[str, np.ndarray], config: PrepareConfig) -> dict[s
         seconds[i] = time.perf_counter() - start
     column = np.empty(n, dtype=object)
     column[:] = images
+    release_free_memory()  # the decoded full-size images just went out of scope
     return {**batch, "image": column, "width": widths, "height": heights, "seconds_prepare": seconds,
             "error_stage": np.asarray(stages), "error_type": np.asarray(types), "error_message": np.asarray(messages)}

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pipeline.decode import decode_image
 from pipeline.encode import panoptic_png, png_bytes
 from pipeline.labels import Category
+from pipeline.memory import release_free_memory
 from pipeline.read import read_bytes
 from pipeline.previews import write_preview
 from pipeline.remote import StorageConfig
@@ -126,6 +127,7 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
         store.write_bytes(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))
     store.write_bytes(f"{IMAGES_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(images, tables.IMAGES))
     n = len(batch["key"])
+    release_free_memory()
     return {"key": np.asarray(batch["key"]), "ok": np.asarray([not e for e in batch["error_type"]], dtype=bool),
             "error_type": np.asarray(batch["error_type"]),
             "seconds_prepare": np.asarray(batch.get("seconds_prepare", np.zeros(n))),
