@@ -97,10 +97,13 @@ def _plan(config: RunConfig, out: ShardOutput) -> ray.data.Dataset:
     prepare = PrepareConfig(model=config.model, storage=config.storage)
     inference = InferenceConfig(model=config.model, dtype=config.dtype, postprocess=config.postprocess,
                                 storage=config.storage)
+    # One block per 16 keys as pending.py makes them: left to itself Ray splits the single read
+    # task's blocks toward 200 blocks, one key each (measured: ~25 s of overhead per 1,000 keys).
+    # (`override_num_blocks=1` stops the split too, but then no shard committed before the last
+    # image was inferred: a kill lost the whole run's work.)
+    ray.data.DataContext.get_current().read_op_min_num_blocks = 1
     return (
-        # one block per 16 keys as pending.py makes them: left to itself Ray splits the single
-        # read task's blocks toward 200 blocks, one key each (measured: ~25 s of overhead per 1,000 keys)
-        ray.data.read_datasource(PendingDatasource(pending), override_num_blocks=1, num_cpus=LISTING_CPUS)
+        ray.data.read_datasource(PendingDatasource(pending), num_cpus=LISTING_CPUS)
         .map_batches(prepare_batch, fn_kwargs={"config": prepare}, batch_size=None, num_cpus=execution.prepare_cpus)
         .map_batches(Predictor, fn_constructor_kwargs={"config": inference}, batch_size=execution.batch_size,
                      compute=ActorPoolStrategy(min_size=low, max_size=high),
