@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pipeline.config import TASKS, PostprocessConfig  # noqa: E402
+from pipeline.config import PostprocessConfig, canonical_tasks  # noqa: E402
 from pipeline.labels import LabelMapError  # noqa: E402
 from pipeline.listing import InputError  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
@@ -60,10 +60,10 @@ def _id_set(text: str) -> frozenset[int]:
 
 
 def _tasks(text: str) -> tuple[str, ...]:
-    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
-    if "panoptic" not in tasks or not set(tasks) <= set(TASKS):
-        raise argparse.ArgumentTypeError(f"expected panoptic plus any of {', '.join(TASKS[1:])}, comma-separated")
-    return tasks
+    try:
+        return canonical_tasks([t.strip() for t in text.split(",") if t.strip()])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fraction(text: str) -> float:

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 
 TASKS = ("panoptic", "semantic", "instance")
+
+
+def canonical_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    """`tasks` in the order of TASKS; ValueError unless they include panoptic and are all known."""
+    if "panoptic" not in tasks or not set(tasks) <= set(TASKS):
+        raise ValueError(f"tasks must include panoptic and be among {', '.join(TASKS)}, got {', '.join(tasks)}")
+    return tuple(t for t in TASKS if t in tasks)
 
 
 @dataclass(frozen=True)
@@ -22,10 +30,7 @@ class PostprocessConfig:
     tasks: tuple[str, ...] = ("panoptic",)
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.tasks) - set(TASKS))
-        if unknown or "panoptic" not in self.tasks:
-            raise ValueError(f"tasks must include panoptic and be among {', '.join(TASKS)}, got {', '.join(self.tasks)}")
-        object.__setattr__(self, "tasks", tuple(t for t in TASKS if t in self.tasks))
+        object.__setattr__(self, "tasks", canonical_tasks(self.tasks))
         for name in ("threshold", "mask_threshold", "overlap_mask_area_threshold"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
