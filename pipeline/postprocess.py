@@ -15,6 +15,7 @@ segment leave the device.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -43,126 +44,234 @@ def segment_ids_per_query(labels: torch.Tensor, valid: torch.Tensor, fuse: froze
     return torch.where(fused & ~opens, ids[first[labels].clamp(max=k - 1)], ids)
 
 
-def _bboxes(segment_ids: torch.Tensor, count: int) -> torch.Tensor:
-    """(H, W) int ids -> (count + 1, 4) int64 [x, y, w, h] per id (row 0 = void, unused)."""
-    height, width = segment_ids.shape
-    flat = segment_ids.reshape(-1).to(torch.int64)
-    rows = torch.arange(height, device=flat.device).repeat_interleave(width)
-    cols = torch.arange(width, device=flat.device).repeat(height)
-    big = torch.full((count + 1,), max(height, width), dtype=torch.int64, device=flat.device)
-    small = torch.full((count + 1,), -1, dtype=torch.int64, device=flat.device)
-    x0 = big.scatter_reduce(0, flat, cols, reduce="amin")
-    y0 = big.clone().scatter_reduce(0, flat, rows, reduce="amin")
-    x1 = small.scatter_reduce(0, flat, cols, reduce="amax")
-    y1 = small.clone().scatter_reduce(0, flat, rows, reduce="amax")
-    return torch.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], dim=1)
+Axis = tuple[torch.Tensor, ...]
 
 
-def _source_index(size_in: int, size_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """For each output row (or column): its two source rows and the weight of the second, as
-    bilinear interpolation with align_corners=False computes them. Shapes (size_out,)."""
+def _axis(size_in: int, size_out: int, device: torch.device) -> Axis:
+    """Bilinear upsampling (align_corners=False) along one axis, as the CPU kernel computes it.
+
+    Returns, per output row (or column), shapes (size_out,): its two source rows and the weight of
+    the second; then per source row, shapes (size_in,): the first output row whose first source is
+    that row, and how many such output rows there are (0 when downsampling skips it). The "cell"
+    of source row y is those output rows: they all interpolate rows y and y + 1 (clamped)."""
     position = ((torch.arange(size_out, device=device, dtype=torch.float32) + 0.5) * (size_in / size_out) - 0.5)
     position = position.clamp(min=0.0)
     first = position.to(torch.int64)
-    return first, (first + 1).clamp(max=size_in - 1), (position - first).clamp(0.0, 1.0)
+    count = torch.bincount(first, minlength=size_in)
+    return first, (first + 1).clamp(max=size_in - 1), (position - first).clamp(0.0, 1.0), count.cumsum(0) - count, count
 
 
-def _interpolate_at(pixels_by_query: torch.Tensor, width: int, rows: tuple, cols: tuple) -> torch.Tensor:
-    """Bilinear values at M output pixels given by their source indices.
+def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) counts -> owner (N,) and rank (N,), N = counts.sum(): item i repeated counts[i] times,
+    with the rank of each repeat."""
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    starts = counts.cumsum(0) - counts
+    return owner, torch.arange(len(owner), device=counts.device) - starts[owner]
 
-    pixels_by_query: (h * w, K) the low-res masks, one row per low-res pixel -> (M, K).
+
+def _cell_pixels(cy: torch.Tensor, cx: torch.Tensor, rows: Axis, cols: Axis) -> tuple[torch.Tensor, ...]:
+    """Output pixels of n cells: (n,) cell rows and columns -> for each of their N pixels: its
+    cell (index into the n), its rank among its cell's pixels, y and x; shapes (N,)."""
+    width = cols[4][cx]
+    cell, rank = _expand(rows[4][cy] * width)
+    width = width[cell]
+    return (cell, rank, rows[3][cy[cell]] + torch.div(rank, width, rounding_mode="floor"),
+            cols[3][cx[cell]] + rank % width)
+
+
+def _interpolate(probs: torch.Tensor, q: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
+                 rows: Axis, cols: Axis) -> torch.Tensor:
+    """Bilinear value of mask q at output pixel (y, x), for N (q, y, x) triples -> (N,), with the
+    arithmetic of `F.interpolate(..., mode="bilinear", align_corners=False)` (same floats).
+    probs: (K, h, w)."""
+    _, h, w = probs.shape
+    flat = probs.reshape(-1)
+    top_row, bottom_row = q * (h * w) + rows[0][y] * w, q * (h * w) + rows[1][y] * w
+    left, right, wx = cols[0][x], cols[1][x], cols[2][x]
+    top = flat[top_row + left]
+    top = top + (flat[top_row + right] - top) * wx
+    bottom = flat[bottom_row + left]
+    bottom = bottom + (flat[bottom_row + right] - bottom) * wx
+    return top + (bottom - top) * rows[2][y]
+
+
+def _next(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x shifted by one along dim, the last entry repeated: each cell's second corner."""
+    n = x.shape[dim]
+    return torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
+
+
+def _corners(values: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """values (K, h * w) -> (4, K, n): every row's values at the four corners of n cells (cy, cx)."""
+    y1, x1 = (cy + 1).clamp(max=h - 1), (cx + 1).clamp(max=w - 1)
+    flat = torch.cat([cy * w + cx, cy * w + x1, y1 * w + cx, y1 * w + x1])
+    return values.index_select(1, flat).view(values.shape[0], 4, -1).transpose(0, 1)
+
+
+@dataclass(frozen=True)
+class Winners:
+    """The winning query of every output pixel, kept compact: the winner of each low-res cell
+    that decides all its pixels, and the other cells' pixels one by one.
+
+    owner: (h, w) int64 winner of each cell, valid where `decided` (h, w) bool; rows, cols: the
+    grid's `_axis` per dimension; ys, xs, best: (M,) the pixels of undecided cells, their winner.
     """
-    (y0, y1, wy), (x0, x1, wx) = rows, cols
 
-    def at(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return pixels_by_query.index_select(0, y * width + x)
+    owner: torch.Tensor
+    decided: torch.Tensor
+    rows: Axis
+    cols: Axis
+    ys: torch.Tensor
+    xs: torch.Tensor
+    best: torch.Tensor
 
-    top = at(y0, x0)
-    top = top + (at(y0, x1) - top) * wx[:, None]
-    bottom = at(y1, x0)
-    bottom = bottom + (at(y1, x1) - bottom) * wx[:, None]
-    return top + (bottom - top) * wy[:, None]
+    @staticmethod
+    def full(winner: torch.Tensor) -> "Winners":
+        """Winners of an (H, W) map computed pixel by pixel: every "cell" is one pixel."""
+        (height, width), none = winner.shape, winner.new_zeros(0)
+        return Winners(winner, torch.ones_like(winner, dtype=torch.bool), _axis(height, height, winner.device),
+                       _axis(width, width, winner.device), none, none, none)
+
+    def paint(self, table: torch.Tensor) -> torch.Tensor:
+        """(K,) a value per query -> (H, W) the value of each pixel's winner."""
+        # columns first: selecting along the last dim is the slow one on CPU, so on fewer rows
+        image = table[self.owner].index_select(1, self.cols[0]).index_select(0, self.rows[0])
+        image[self.ys, self.xs] = table[self.best]
+        return image
+
+    def boxes(self, table: torch.Tensor, count: int) -> torch.Tensor:
+        """(K,) int64 id per query, ids in [0, count] -> (count + 1, 4) int64 [x, y, w, h] of
+        the pixels painted with each id (meaningless for ids that paint nothing)."""
+        painting = self.decided & (self.rows[4] > 0)[:, None] & (self.cols[4] > 0)[None, :]  # downsampling skips some
+        cells = torch.where(painting, table[self.owner], 0)
+        painted = table[self.best]
+        y0, y1 = _span(cells, self.rows, painted, self.ys, count)
+        x0, x1 = _span(cells.T, self.cols, painted, self.xs, count)
+        return torch.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], dim=1)
 
 
-def _uniform_cells(scaled: torch.Tensor, mask_threshold: float) -> tuple[torch.Tensor, ...]:
-    """Which low-res cells decide their output pixels without interpolating.
+def _span(cells: torch.Tensor, axis: Axis, ids: torch.Tensor, lines: torch.Tensor,
+          count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last output line (row or column) holding each id, (count + 1,) each.
 
-    A cell is the square of low-res pixels (y, x), (y+1, x), (y, x+1), (y+1, x+1) that an output
-    pixel interpolates (clamped at the edges). Interpolation is a convex combination, so if one
-    query wins at all four corners it wins everywhere inside, and if a query's scaled mask is
-    above (or below) the threshold at all four corners it is so everywhere inside.
-    scaled: (K, h, w) -> owner (h, w) int64, uniform (h, w) bool, above (K, h, w) bool.
-    """
-    owner = scaled.max(0).indices  # first max, as argmax; argmax(0) is ~6x slower on CPU
-    above = scaled >= mask_threshold
+    cells: (n, m) id of each decided cell that paints pixels (0 elsewhere), cell lines along
+    dim 0, `axis` their output lines; ids, lines: (M,) single pixels' ids and output lines."""
+    n, stride = cells.shape[0], count + 1
+    line = torch.arange(n, device=cells.device)[:, None]
+    present = torch.bincount((cells + line * stride).reshape(-1), minlength=n * stride).view(n, stride) > 0
+    found, present = present.any(0), present.to(torch.uint8)
+    first, last = present.argmax(0), n - 1 - present.flip(0).argmax(0)
+    first = torch.where(found, axis[3][first], len(axis[0]))
+    last = torch.where(found, axis[3][last] + axis[4][last] - 1, -1)
+    return first.scatter_reduce(0, ids, lines, "amin"), last.scatter_reduce(0, ids, lines, "amax")
 
-    def mixed(x: torch.Tensor) -> torch.Tensor:  # (..., h, w) -> (..., h, w): corners differ
-        x = torch.cat([x, x[..., -1:, :]], dim=-2)
-        x = torch.cat([x, x[..., :, -1:]], dim=-1)
-        corner = x[..., :-1, :-1]
-        return (corner != x[..., 1:, :-1]) | (corner != x[..., :-1, 1:]) | (corner != x[..., 1:, 1:])
 
-    return owner, ~(mixed(owner) | mixed(above).any(0)), above
+def _kept(area: torch.Tensor, original: torch.Tensor, config: PostprocessConfig) -> torch.Tensor:
+    """The reference's test of each query, (K,) -> (K,) bool: it wins pixels, its scaled mask passes
+    the threshold at `original` pixels, and it wins more than the overlap share of those."""
+    return (area > 0) & (original > 0) & (area / original.clamp(min=1) > config.overlap_mask_area_threshold)
 
 
 def _query_areas(probs: torch.Tensor, scores: torch.Tensor, target: tuple[int, int],
-                 mask_threshold: float) -> tuple[torch.Tensor, ...]:
-    """Per kept query: pixels it wins and pixels where its scaled mask passes the threshold, at
-    the target size, interpolating only the pixels of non-uniform cells.
-    Returns area (K,), original (K,), and the (H, W) int64 winning query of every pixel."""
+                 config: PostprocessConfig | None) -> tuple[torch.Tensor, torch.Tensor | None, Winners]:
+    """Per kept query: the pixels it wins at the target size and, given a config, whether it makes
+    a segment, as the reference decides both on its upsampled `probs * scores`, but evaluating the
+    upsampled masks only where a low-res cell does not decide them.
+
+    Interpolation is a convex combination of a cell's four corners, so: a query that wins at all
+    four corners wins the whole cell; elsewhere only queries whose highest corner reaches the
+    best lowest corner can win ("candidates", usually two or three); and a mask above (or below)
+    the threshold at all four corners is so in the whole cell. The cells a query's threshold
+    crosses bound its thresholded area; they are counted pixel by pixel only for the few queries
+    whose segment test those bounds leave open.
+    probs: (K, h, w) sigmoid masks; scores: (K,).
+    Returns area (K,) int64, valid (K,) bool (None without a config), and the winners.
+    """
     k, h, w = probs.shape
-    rows, cols = _source_index(h, target[0], probs.device), _source_index(w, target[1], probs.device)
-    owner, uniform, above = _uniform_cells(probs * scores.view(-1, 1, 1), mask_threshold)
+    rows, cols = _axis(h, target[0], probs.device), _axis(w, target[1], probs.device)
+    scaled = probs * scores.view(-1, 1, 1)
+    owner = scaled.max(0).indices  # first max, as argmax; argmax(0) is ~6x slower on CPU
+    below = _next(owner, 0)
+    decided = (owner == below) & (owner == _next(owner, 1)) & (owner == _next(below, 1))
+    cy, cx = (~decided).nonzero(as_tuple=True)
+    cell_pixels = rows[4][cy] * cols[4][cx]
+    budget = _MAX_MIXED_SHARE * target[0] * target[1]  # pixels to evaluate, per query evaluated
+    if int(cell_pixels.sum()) > budget:
+        return _upsampled_areas(probs, scores, target, config)
+    # each undecided pixel's winner: the first of its cell's candidates with the highest value
+    corners = _corners(scaled.view(k, h * w), cy, cx, h, w)  # (4, K, n)
+    cell, q = (corners.amax(0) >= corners.amin(0).amax(0)).T.nonzero(as_tuple=True)  # by cell, queries ascending
+    pair, rank, y, x = _cell_pixels(cy[cell], cx[cell], rows, cols)
+    q = q[pair]
+    values = _interpolate(probs, q, y, x, rows, cols)
+    values *= scores[q]  # the reference scales after interpolating: same floats
+    pixel, size = (cell_pixels.cumsum(0) - cell_pixels)[cell[pair]] + rank, int(cell_pixels.sum())
+    best_value = torch.full((size,), -torch.inf, device=probs.device).scatter_reduce(0, pixel, values, "amax")
+    top = values == best_value[pixel]
+    best = torch.full((size,), k, device=probs.device).scatter_reduce(0, pixel[top], q[top], "amin")
+    winners = Winners(owner, decided, rows, cols, torch.empty_like(best).scatter_(0, pixel, y),
+                      torch.empty_like(best).scatter_(0, pixel, x), best)
+    settled = (rows[4][:, None] * cols[4][None, :] * decided).reshape(-1).to(torch.float64)
+    area = torch.bincount(owner.reshape(-1), weights=settled, minlength=k).to(torch.int64)
+    area += torch.bincount(best, minlength=k)
+    if config is None:
+        return area, None, winners
+    above = scaled >= config.mask_threshold
+    below = _next(above, 1)
+    some, every = above | below, above & below
+    some |= _next(some, 2)
+    every &= _next(every, 2)
+    # the thresholded area is at least every cell above at all corners (int16 products are exact
+    # below 2**15 columns), at most that plus the cells the threshold crosses
+    width_dtype = torch.int16 if target[1] < 2 ** 15 else torch.int32
+    lower = (every * cols[4].to(width_dtype)).sum(2, dtype=torch.int32).to(torch.int64).mv(rows[4])
+    tq, ty, tx = (some ^ every).nonzero(as_tuple=True)
+    crossed = rows[4][ty] * cols[4][tx]
+    upper = lower + torch.bincount(tq, weights=crossed.to(torch.float64), minlength=k).to(torch.int64)
+    valid = _kept(area, upper, config)
+    # monotone in the thresholded area from 1 up: open only if the bounds disagree, or 0 is possible
+    unsure = (lower != upper) & ((_kept(area, lower, config) != valid) | (lower == 0))
+    tq, ty, tx = (t[unsure[tq]] for t in (tq, ty, tx))
+    if int((rows[4][ty] * cols[4][tx]).sum()) > budget * k:
+        return _upsampled_areas(probs, scores, target, config)
+    pair, _, y, x = _cell_pixels(ty, tx, rows, cols)
+    q = tq[pair]
+    passes = (_interpolate(probs, q, y, x, rows, cols) * scores[q] >= config.mask_threshold).to(torch.float64)
+    original = lower + torch.bincount(q, weights=passes, minlength=k).to(torch.int64)
+    return area, torch.where(unsure, _kept(area, original, config), valid), winners
 
-    def upsample(cells: torch.Tensor) -> torch.Tensor:  # (h, w) -> (H, W): each output pixel's cell
-        return cells.index_select(0, rows[0]).index_select(1, cols[0])
 
-    ys, xs = (~upsample(uniform)).nonzero(as_tuple=True)
-    if ys.numel() > _MAX_MIXED_SHARE * target[0] * target[1]:  # noise-like masks: plain upsampling is cheaper
-        scaled = F.interpolate(probs[None], size=target, mode="bilinear", align_corners=False)[0]
-        scaled *= scores.view(-1, 1, 1)
-        winner = scaled.max(0).indices
-        return (torch.bincount(winner.reshape(-1), minlength=k),
-                (scaled >= mask_threshold).reshape(k, -1).sum(1), winner)
-    cell_pixels = (torch.bincount(rows[0], minlength=h)[:, None] * torch.bincount(cols[0], minlength=w)[None, :])
-    settled = (cell_pixels * uniform).reshape(-1)
-    area = torch.bincount(owner.reshape(-1), weights=settled.to(torch.float64), minlength=k).to(torch.int64)
-    # counts as float64 matrix-vector products: exact (integers < 2**53) and ~7x faster than int64 sums
-    original = above.reshape(k, -1).to(torch.float64).mv(settled.to(torch.float64)).to(torch.int64)
-    winner = upsample(owner)  # exact wherever the cell is uniform
-    pixels_by_query = probs.reshape(k, -1).T.contiguous()
-    ones = torch.ones(_PIXELS_PER_CHUNK, dtype=torch.float32, device=probs.device)
-    for start in range(0, ys.numel(), _PIXELS_PER_CHUNK):
-        y, x = ys[start:start + _PIXELS_PER_CHUNK], xs[start:start + _PIXELS_PER_CHUNK]
-        values = _interpolate_at(pixels_by_query, w, tuple(r[y] for r in rows), tuple(c[x] for c in cols))
-        values *= scores  # the reference scales after interpolating: same floats
-        best = values.max(1).indices
-        area += torch.bincount(best, minlength=k)
-        original += (values >= mask_threshold).T.to(torch.float32).mv(ones[: len(y)]).to(torch.int64)  # < 2**24
-        winner[y, x] = best
-    return area, original, winner
+def _upsampled_areas(probs: torch.Tensor, scores: torch.Tensor, target: tuple[int, int],
+                     config: PostprocessConfig | None) -> tuple[torch.Tensor, torch.Tensor | None, Winners]:
+    """`_query_areas` the reference's way, upsampling every mask: cheaper for noise-like masks,
+    where few cells are decided."""
+    k = probs.shape[0]
+    scaled = F.interpolate(probs[None], size=target, mode="bilinear", align_corners=False)[0]
+    scaled *= scores.view(-1, 1, 1)
+    winner = scaled.max(0).indices
+    area = torch.bincount(winner.reshape(-1), minlength=k)
+    valid = None if config is None else _kept(area, (scaled >= config.mask_threshold).reshape(k, -1).sum(1), config)
+    return area, valid, Winners.full(winner)
 
 
-_MAX_MIXED_SHARE = 0.3
-_PIXELS_PER_CHUNK = 1 << 16  # bounds the (K, pixels) working set of interpolated values
+_MAX_MIXED_SHARE = 0.3  # of the output pixels to evaluate, beyond which upsampling everything is cheaper
 
 
 def _one_image(probs: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, target: tuple[int, int],
                config: PostprocessConfig) -> PanopticResult:
     """probs: (K, h, w) sigmoid masks of the kept queries, cropped; scores, labels: (K,)."""
-    area, original, owner = _query_areas(probs, scores, target, config.mask_threshold)
-    valid = (area > 0) & (original > 0) & (area / original.clamp(min=1) > config.overlap_mask_area_threshold)
+    area, valid, winners = _query_areas(probs, scores, target, config)
     ids = segment_ids_per_query(labels, valid, config.label_ids_to_fuse)
     count = int(ids.max())
     if count == 0:
         return PanopticResult(np.zeros(target, np.int32), ())
-    segment_ids = ids[owner].to(torch.int32)
+    segment_ids = winners.paint(ids.to(torch.int32))
     pixels = torch.zeros(count + 1, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, area)
     first_query = torch.full((count + 1,), probs.shape[0], dtype=torch.int64, device=ids.device)
     first_query = first_query.scatter_reduce(0, ids, torch.arange(len(ids), device=ids.device), reduce="amin")
     small = torch.stack([labels[first_query[1:]].to(torch.float64), scores[first_query[1:]].to(torch.float64),
                          pixels[1:].to(torch.float64)], 1).cpu().numpy()
-    boxes = _bboxes(segment_ids, count)[1:].cpu().numpy()
+    boxes = winners.boxes(ids, count)[1:].cpu().numpy()
     segments = tuple(
         Segment(id=i + 1, label_id=int(label), score=round(float(score), 6), area=int(n),
                 bbox=tuple(int(v) for v in box))
@@ -189,7 +298,7 @@ def panoptic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
         if kept.numel() == 0:
             results.append(PanopticResult(np.zeros(tuple(target), np.int32), ()))
             continue
-        probs = mask_logits[i, kept, :vh, :vw].sigmoid()
+        probs = mask_logits[i, :, :vh, :vw].index_select(0, kept).sigmoid_()  # index_select made a copy
         results.append(_one_image(probs, scores[i, kept], labels[i, kept], tuple(target), config))
     return results
 
@@ -211,6 +320,7 @@ def semantic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
         class_maps = torch.einsum(  # batched, as the reference: same kernel, same floats
             "bqc,bqhw->bchw", class_probs[i:i + 1], mask_logits[i:i + 1, :, :vh, :vw].sigmoid())[0]
         ones = torch.ones(classes, dtype=class_maps.dtype, device=class_maps.device)
-        *_, winner = _query_areas(class_maps, ones, tuple(target), float("inf"))  # x 1.0 is exact
-        maps.append(winner.to(torch.uint8 if classes <= 256 else torch.int32).cpu().numpy())
+        _, _, winners = _query_areas(class_maps, ones, tuple(target), None)  # x 1.0 is exact
+        ids = torch.arange(classes, dtype=torch.uint8 if classes <= 256 else torch.int32, device=class_maps.device)
+        maps.append(winners.paint(ids).cpu().numpy())
     return [m if m.dtype == np.uint8 else m.astype(np.uint16) for m in maps]

@@ -45,3 +45,19 @@ def test_padding_is_cropped_and_many_classes_are_uint16():
         (expected,) = reference(class_logits[i:i + 1], masks[i:i + 1, :, :vh, :vw].contiguous(), [target])
         assert ours[i].dtype == np.uint16 and len(np.unique(ours[i])) >= 4
         assert np.array_equal(ours[i], expected)
+
+
+def test_sharp_masks_settle_cell_by_cell(monkeypatch):
+    import pipeline.postprocess as postprocess
+    from tests.unit.test_postprocess_panoptic import tiling_logits
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("fell back to upsampling every map")
+
+    monkeypatch.setattr(postprocess, "_upsampled_areas", no_fallback)
+    class_logits, masks = tiling_logits(2, 40, 8, 50, 67, seed=4)
+    targets = [(120, 160), (203, 97)]
+    ours = semantic_segmentation(class_logits, masks, [(50, 67)] * 2, targets)
+    for o, t in zip(ours, reference(class_logits, masks, targets)):
+        assert len(np.unique(o)) >= 5
+        assert np.array_equal(o, t)
