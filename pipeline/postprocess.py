@@ -16,7 +16,7 @@ segment leave the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -61,38 +61,45 @@ def _axis(size_in: int, size_out: int, device: torch.device) -> Axis:
     return first, (first + 1).clamp(max=size_in - 1), (position - first).clamp(0.0, 1.0), count.cumsum(0) - count, count
 
 
-def _expand(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n,) counts -> owner (N,) and rank (N,), N = counts.sum(): item i repeated counts[i] times,
-    with the rank of each repeat."""
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    starts = counts.cumsum(0) - counts
-    return owner, torch.arange(len(owner), device=counts.device) - starts[owner]
+class Blocks(NamedTuple):
+    """The output pixels of n cells as padded (R, C) blocks, R and C the tallest and widest cell:
+    rows (n, R) and cols (n, C) their output rows and columns (clamped into the image), inside
+    (n, R, C) which block entries are pixels of the cell."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    inside: torch.Tensor
 
 
-def _cell_pixels(cy: torch.Tensor, cx: torch.Tensor, rows: Axis, cols: Axis) -> tuple[torch.Tensor, ...]:
-    """Output pixels of n cells: (n,) cell rows and columns -> for each of their N pixels: its
-    cell (index into the n), its rank among its cell's pixels, y and x; shapes (N,)."""
-    width = cols[4][cx]
-    cell, rank = _expand(rows[4][cy] * width)
-    width = width[cell]
-    return (cell, rank, rows[3][cy[cell]] + torch.div(rank, width, rounding_mode="floor"),
-            cols[3][cx[cell]] + rank % width)
+def _blocks(cy: torch.Tensor, cx: torch.Tensor, rows: Axis, cols: Axis) -> Blocks:
+    """Blocks of the n cells (cy, cx), (n,) each."""
+
+    def lines(cells: torch.Tensor, axis: Axis) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = torch.arange(int(axis[4].max()), device=cells.device)
+        inside = offsets < axis[4][cells][:, None]
+        return (axis[3][cells][:, None] + offsets).clamp(max=len(axis[0]) - 1), inside
+
+    (ys, in_y), (xs, in_x) = lines(cy, rows), lines(cx, cols)
+    return Blocks(ys, xs, in_y[:, :, None] & in_x[:, None, :])
 
 
-def _interpolate(probs: torch.Tensor, q: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
-                 rows: Axis, cols: Axis) -> torch.Tensor:
-    """Bilinear value of mask q at output pixel (y, x), for N (q, y, x) triples -> (N,), with the
-    arithmetic of `F.interpolate(..., mode="bilinear", align_corners=False)` (same floats).
-    probs: (K, h, w)."""
+def _block_values(probs: torch.Tensor, queries: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor,
+                  blocks: Blocks, rows: Axis, cols: Axis) -> torch.Tensor:
+    """Bilinear values of J masks per cell over the cells' blocks, with the arithmetic of
+    `F.interpolate(..., mode="bilinear", align_corners=False)` (same floats): every pixel of a
+    cell interpolates the same four corners, with its own row and column weights.
+    probs: (K, h, w); queries: (n, J) mask of each slot; cy, cx: (n,) -> (n, J, R, C)."""
     _, h, w = probs.shape
-    flat = probs.reshape(-1)
-    top_row, bottom_row = q * (h * w) + rows[0][y] * w, q * (h * w) + rows[1][y] * w
-    left, right, wx = cols[0][x], cols[1][x], cols[2][x]
-    top = flat[top_row + left]
-    top = top + (flat[top_row + right] - top) * wx
-    bottom = flat[bottom_row + left]
-    bottom = bottom + (flat[bottom_row + right] - bottom) * wx
-    return top + (bottom - top) * rows[2][y]
+    y1, x1, flat, base = (cy + 1).clamp(max=h - 1), (cx + 1).clamp(max=w - 1), probs.reshape(-1), queries * (h * w)
+
+    def at(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # (n,) corner of each cell -> (n, J, 1)
+        return flat.take(base + (y * w + x)[:, None])[..., None]
+
+    top_left, top_right, bottom_left, bottom_right = at(cy, cx), at(cy, x1), at(y1, cx), at(y1, x1)
+    wx, wy = cols[2][blocks.cols][:, None, :], rows[2][blocks.rows][:, None, :, None]  # (n, 1, C), (n, 1, R, 1)
+    top = top_left + (top_right - top_left) * wx  # (n, J, C)
+    bottom = bottom_left + (bottom_right - bottom_left) * wx
+    return top[:, :, None, :] + (bottom - top)[:, :, None, :] * wy
 
 
 def _next(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -200,17 +207,19 @@ def _query_areas(probs: torch.Tensor, scores: torch.Tensor, target: tuple[int, i
         return _upsampled_areas(probs, scores, target, config)
     # each undecided pixel's winner: the first of its cell's candidates with the highest value
     corners = _corners(scaled.view(k, h * w), cy, cx, h, w)  # (4, K, n)
-    cell, q = (corners.amax(0) >= corners.amin(0).amax(0)).T.nonzero(as_tuple=True)  # by cell, queries ascending
-    pair, rank, y, x = _cell_pixels(cy[cell], cx[cell], rows, cols)
-    q = q[pair]
-    values = _interpolate(probs, q, y, x, rows, cols)
-    values *= scores[q]  # the reference scales after interpolating: same floats
-    pixel, size = (cell_pixels.cumsum(0) - cell_pixels)[cell[pair]] + rank, int(cell_pixels.sum())
-    best_value = torch.full((size,), -torch.inf, device=probs.device).scatter_reduce(0, pixel, values, "amax")
-    top = values == best_value[pixel]
-    best = torch.full((size,), k, device=probs.device).scatter_reduce(0, pixel[top], q[top], "amin")
-    winners = Winners(owner, decided, rows, cols, torch.empty_like(best).scatter_(0, pixel, y),
-                      torch.empty_like(best).scatter_(0, pixel, x), best)
+    candidate = (corners.amax(0) >= corners.amin(0).amax(0)).T  # (n, K)
+    slots = int(candidate.sum(1).max())
+    # each cell's candidates in query order, then padding slots (query k: never wins)
+    queries = torch.where(candidate, torch.arange(k, device=probs.device), k).sort(1).values[:, :slots]
+    blocks = _blocks(cy, cx, rows, cols)
+    real = queries.clamp(max=k - 1)
+    values = _block_values(probs, real, cy, cx, blocks, rows, cols)  # (n, J, R, C)
+    values *= scores[real][:, :, None, None]  # the reference scales after interpolating: same floats
+    values.masked_fill_((queries == k)[:, :, None, None], -torch.inf)
+    best = queries.gather(1, values.max(1).indices.flatten(1)).view_as(blocks.inside)[blocks.inside]  # first max
+    shape = blocks.inside.shape
+    winners = Winners(owner, decided, rows, cols, blocks.rows[:, :, None].expand(shape)[blocks.inside],
+                      blocks.cols[:, None, :].expand(shape)[blocks.inside], best)
     settled = (rows[4][:, None] * cols[4][None, :] * decided).reshape(-1).to(torch.float64)
     area = torch.bincount(owner.reshape(-1), weights=settled, minlength=k).to(torch.int64)
     area += torch.bincount(best, minlength=k)
@@ -221,10 +230,10 @@ def _query_areas(probs: torch.Tensor, scores: torch.Tensor, target: tuple[int, i
     some, every = above | below, above & below
     some |= _next(some, 2)
     every &= _next(every, 2)
-    # the thresholded area is at least every cell above at all corners (int16 products are exact
-    # below 2**15 columns), at most that plus the cells the threshold crosses
-    width_dtype = torch.int16 if target[1] < 2 ** 15 else torch.int32
-    lower = (every * cols[4].to(width_dtype)).sum(2, dtype=torch.int32).to(torch.int64).mv(rows[4])
+    # the thresholded area is at least every cell above at all corners, at most that plus the
+    # cells the threshold crosses; the narrowest exact dtype for the products is the fastest
+    widths = cols[4].to(torch.uint8 if int(cols[4].max()) < 2 ** 8 else torch.int32)
+    lower = (every * widths).sum(2, dtype=torch.int32).to(torch.int64).mv(rows[4])
     tq, ty, tx = (some ^ every).nonzero(as_tuple=True)
     crossed = rows[4][ty] * cols[4][tx]
     upper = lower + torch.bincount(tq, weights=crossed.to(torch.float64), minlength=k).to(torch.int64)
@@ -234,10 +243,10 @@ def _query_areas(probs: torch.Tensor, scores: torch.Tensor, target: tuple[int, i
     tq, ty, tx = (t[unsure[tq]] for t in (tq, ty, tx))
     if int((rows[4][ty] * cols[4][tx]).sum()) > budget * k:
         return _upsampled_areas(probs, scores, target, config)
-    pair, _, y, x = _cell_pixels(ty, tx, rows, cols)
-    q = tq[pair]
-    passes = (_interpolate(probs, q, y, x, rows, cols) * scores[q] >= config.mask_threshold).to(torch.float64)
-    original = lower + torch.bincount(q, weights=passes, minlength=k).to(torch.int64)
+    blocks = _blocks(ty, tx, rows, cols)
+    values = _block_values(probs, tq[:, None], ty, tx, blocks, rows, cols)[:, 0]  # (p, R, C)
+    passes = ((values * scores[tq][:, None, None] >= config.mask_threshold) & blocks.inside).sum((1, 2))
+    original = lower + torch.bincount(tq, weights=passes.to(torch.float64), minlength=k).to(torch.int64)
     return area, torch.where(unsure, _kept(area, original, config), valid), winners
 
 

@@ -19,7 +19,7 @@ from pycocotools import mask as rle
 from pipeline.config import PostprocessConfig
 from pipeline.encode import smallest_id_dtype
 from pipeline.failures import INFER
-from pipeline.memory import release_free_memory
+from pipeline.memory import release_free_memory, reuse_freed_memory
 from pipeline.model import ModelSource, load_model, load_processor, local_dir
 from pipeline.postprocess import panoptic_segmentation, semantic_segmentation
 from pipeline.postprocess_instance import instance_segmentation
@@ -88,6 +88,7 @@ class Predictor:
     """`map_batches(Predictor, fn_constructor_kwargs={"config": ...}, concurrency=(min, max))`."""
 
     def __init__(self, config: InferenceConfig) -> None:
+        reuse_freed_memory()  # post-processing churns MB-sized tensors; trimmed after each batch
         self.config = config
         self.device, self.dtype = config.resolved()
         directory = local_dir(ModelSource(config.model, config.storage))
