@@ -136,7 +136,7 @@ def hand_loop(files: list[Path], model_dir: Path, out: Path) -> float:
 def bare_forward(files: list[Path], model_dir: Path, batch_size: int, repeat: int = 1) -> float:
     processor, model = load_processor(model_dir), load_model(model_dir, "cpu")
     images = [resize_for_model(np.asarray(Image.open(p).convert("RGB")), processor) for p in files]
-    batches = [pad_batch(images[i:i + batch_size], "cpu") for i in range(0, len(images), batch_size)]
+    batches = [pad_batch(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     batches = [(normalize(pixels, mask, processor), mask) for pixels, mask in batches]
     start = time.perf_counter()
     with torch.inference_mode():

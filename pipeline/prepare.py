@@ -1,4 +1,8 @@
-"""The CPU stage before inference: read bytes, decode, resize. One failed image = one error row."""
+"""The CPU stage before inference: read bytes, decode. One failed image = one error row.
+
+Light on purpose (PIL and numpy, no torch): the resize for the model happens in the inference
+actor (preprocess.py).
+"""
 
 from __future__ import annotations
 
@@ -9,27 +13,27 @@ import numpy as np
 
 from pipeline.memory import release_free_memory
 from pipeline.decode import DEFAULT_MAX_PIXELS, decode_image
-from pipeline.failures import ImageFailure
-from pipeline.model import ModelSource, load_processor, local_dir
-from pipeline.preprocess import resize_for_model
+from pipeline.failures import PREPROCESS, ImageFailure
 from pipeline.read import read_bytes
 from pipeline.remote import StorageConfig
 
-EMPTY_IMAGE = np.zeros((3, 0, 0), dtype=np.uint8)
+EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
+MIN_SIDE = 2  # smaller images cannot be resized meaningfully by the processor
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    model: str  # checkpoint URI; each node resolves it to its local copy
     max_pixels: int = DEFAULT_MAX_PIXELS
     storage: StorageConfig = StorageConfig()
 
 
 def prepare_one(uri: str, config: PrepareConfig) -> tuple[np.ndarray, int, int]:
-    """Resized (3, h, w) uint8 image for the model, and the original (width, height)."""
+    """The decoded (H, W, 3) uint8 image and its (width, height)."""
     rgb = decode_image(read_bytes(uri, config.storage), config.max_pixels)
-    resized = resize_for_model(rgb, load_processor(local_dir(ModelSource(config.model, config.storage))))
-    return resized, rgb.shape[1], rgb.shape[0]
+    height, width = rgb.shape[:2]
+    if min(height, width) < MIN_SIDE:  # checked here, so that no batch reaching the model holds one
+        raise ImageFailure(PREPROCESS, "TooSmall", f"{width}x{height} is too small to segment")
+    return rgb, width, height
 
 
 def prepare_batch(batch: dict[str, np.ndarray], config: PrepareConfig) -> dict[str, np.ndarray]:

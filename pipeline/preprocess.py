@@ -1,7 +1,9 @@
-"""RGB image -> the resized uint8 tensor the checkpoint's image processor would make.
+"""Decoded RGB images -> the resized uint8 tensors the checkpoint's image processor would make.
 
-Only the resize happens here (CPU tasks); rescale, normalise and pad happen on the inference
-device, where they are cheap and where 4x fewer bytes arrive (uint8, not float32).
+Runs in the inference actor, on its device. The processor's resize needs torch and torchvision
+(seconds to import and hundreds of MB in every process that loads them), which the decode tasks
+therefore never load; and a checkpoint that enlarges images (COCO MaskFormers resize to 800 px)
+is sent the smaller original. Rescale, normalise and pad follow on the device (predictor.py).
 """
 
 from __future__ import annotations
@@ -11,25 +13,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.failures import PREPROCESS, ImageFailure
 
-MIN_SIDE = 2  # smaller images cannot be resized meaningfully by the processor
-
-
-def resize_for_model(rgb: np.ndarray, processor: Any) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, h, w) uint8, exactly as `processor` resizes it.
+def resize_for_model(rgb: np.ndarray, processor: Any, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, h, w) uint8 on `device`, exactly as `processor` resizes it.
 
     Uses the processor's own resize (size, longest edge, size divisor, resample), so any
-    MaskFormer/Mask2Former checkpoint gets its own preprocessing.
+    MaskFormer/Mask2Former checkpoint gets its own preprocessing. Images smaller than
+    `prepare.MIN_SIDE` never get here.
     """
-    height, width = rgb.shape[:2]
-    if min(height, width) < MIN_SIDE:
-        raise ImageFailure(PREPROCESS, "TooSmall", f"{width}x{height} is too small to segment")
-    chw = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+    chw = torch.from_numpy(np.ascontiguousarray(rgb))
+    if torch.device(device).type == "cuda":  # the uint8 original crosses to the GPU, not the resized floats
+        chw = chw.pin_memory().to(device, non_blocking=True)
+    chw = chw.permute(2, 0, 1)
     if not getattr(processor, "do_resize", True):
-        return chw.numpy()
-    resized = processor.resize(
+        return chw.contiguous()
+    return processor.resize(
         image=chw, size=processor.size, size_divisor=getattr(processor, "size_divisor", 0) or 0,
         resample=processor.resample,
-    )
-    return resized.contiguous().numpy()
+    ).contiguous()

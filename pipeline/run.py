@@ -94,7 +94,7 @@ def _plan(config: RunConfig, out: ShardOutput) -> ray.data.Dataset:
     low, high = execution.concurrency
     on_gpu = torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU"))
     pending = PendingConfig(config.input, out.store, config.storage, config.limit, config.previews)
-    prepare = PrepareConfig(model=config.model, storage=config.storage)
+    prepare = PrepareConfig(storage=config.storage)
     inference = InferenceConfig(model=config.model, dtype=config.dtype, postprocess=config.postprocess,
                                 storage=config.storage)
     # One block per 16 keys as pending.py makes them: left to itself Ray splits the single read
