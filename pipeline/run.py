@@ -37,7 +37,6 @@ PREDICTOR_CPUS = 1.0
 # Listing mostly waits on storage. At a full CPU it would hold a core for as long as a large prefix
 # takes to list, and on a small node decoding could not start until listing ended.
 LISTING_CPUS = 0.25
-OBJECT_STORE_PER_ACTOR = 128 << 20  # bytes of queued blocks Ray Data may hold per inference actor
 
 
 @dataclass(frozen=True)
@@ -102,17 +101,12 @@ def _plan(config: RunConfig, out: ShardOutput) -> ray.data.Dataset:
     # task's blocks toward 200 blocks, one key each (measured: ~25 s of overhead per 1,000 keys).
     # (`override_num_blocks=1` stops the split too, but then no shard committed before the last
     # image was inferred: a kill lost the whole run's work.)
-    context = ray.data.DataContext.get_current()
-    context.read_op_min_num_blocks = 1
-    # Decoding outpaces inference, and decoded images are large (0.9 MB for 640x480): left to
-    # itself Ray Data queues them up to its share of the object store (measured: peak memory
-    # 3.1 GiB at 1,000 images, 8.0 GiB at 10,000). A budget per inference actor bounds the queue.
-    context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
-        object_store_memory=high * OBJECT_STORE_PER_ACTOR)
+    ray.data.DataContext.get_current().read_op_min_num_blocks = 1
     return (
         ray.data.read_datasource(PendingDatasource(pending), num_cpus=LISTING_CPUS)
-        # BLOCK_ROWS per task, not whatever Ray bundles: a task's decoded output lands in the
-        # object store whole, so its size is the step by which the queue can overshoot its budget
+        # BLOCK_ROWS images per task, not the ~100 Ray bundles from the tiny key blocks: decoded
+        # images are large (0.9 MB at 640x480) and a task's output lands in the object store
+        # whole (measured, 10,000 images: peak memory 8.0 GiB with Ray's bundles, 4.3 with 16)
         .map_batches(prepare_batch, fn_kwargs={"config": prepare}, batch_size=BLOCK_ROWS,
                      num_cpus=execution.prepare_cpus)
         .map_batches(Predictor, fn_constructor_kwargs={"config": inference}, batch_size=execution.batch_size,
