@@ -69,7 +69,7 @@ def bundled_logits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
     directory = local_dir(ModelSource("bundled"))
     processor, model = load_processor(directory), load_model(directory, "cpu")
-    images = [np.asarray(Image.fromarray(scene(seed, i).image).resize(TARGET[::-1])) for i in range(BATCH)]
+    images = [np.array(Image.fromarray(scene(seed, i).image).resize(TARGET[::-1])) for i in range(BATCH)]
     pixels, mask = pad_batch([resize_for_model(image, processor) for image in images])
     with torch.inference_mode():
         outputs = model(pixel_values=normalize(pixels, mask, processor), pixel_mask=mask)

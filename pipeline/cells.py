@@ -55,7 +55,7 @@ def blocks(cy: torch.Tensor, cx: torch.Tensor, rows: Axis, cols: Axis) -> Blocks
 
 
 def block_values(probs: torch.Tensor, queries: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor,
-                  blocks: Blocks, rows: Axis, cols: Axis) -> torch.Tensor:
+                 blocks: Blocks, rows: Axis, cols: Axis) -> torch.Tensor:
     """Bilinear values of J masks per cell over the cells' blocks, with the arithmetic of
     `F.interpolate(..., mode="bilinear", align_corners=False)` (same floats): every pixel of a
     cell interpolates the same four corners, with its own row and column weights.
