@@ -50,6 +50,30 @@ def _kept(area: torch.Tensor, original: torch.Tensor, config: PostprocessConfig)
     return (area > 0) & (original > 0) & (area / original.clamp(min=1) > config.overlap_mask_area_threshold)
 
 
+def _undecided_winners(probs: torch.Tensor, scores: torch.Tensor, scaled: torch.Tensor, cy: torch.Tensor,
+                       cx: torch.Tensor, rows: cells.Axis, cols: cells.Axis) -> tuple[torch.Tensor, ...]:
+    """Each pixel of the n undecided cells (cy, cx) and its winner: the first of its cell's
+    candidates with the highest upsampled value. probs, scaled: (K, h, w); scores: (K,).
+    Returns ys, xs, best: (M,) int64, empty when n = 0."""
+    k, h, w = probs.shape
+    if len(cy) == 0:  # one query, or one winner everywhere
+        return cy, cy, cy
+    corners = cells.corners(scaled.view(k, h * w), cy, cx, h, w)  # (4, K, n)
+    candidate = (corners.amax(0) >= corners.amin(0).amax(0)).T  # (n, K)
+    slots = int(candidate.sum(1).max())
+    # each cell's candidates in query order, then padding slots (query k: never wins)
+    queries = torch.where(candidate, torch.arange(k, device=probs.device), k).sort(1).values[:, :slots]
+    blocks = cells.blocks(cy, cx, rows, cols)
+    real = queries.clamp(max=k - 1)
+    values = cells.block_values(probs, real, cy, cx, blocks, rows, cols)  # (n, J, R, C)
+    values *= scores[real][:, :, None, None]  # the reference scales after interpolating: same floats
+    values.masked_fill_((queries == k)[:, :, None, None], -torch.inf)
+    best = queries.gather(1, values.max(1).indices.flatten(1)).view_as(blocks.inside)  # first max
+    shape = blocks.inside.shape
+    return (blocks.rows[:, :, None].expand(shape)[blocks.inside], blocks.cols[:, None, :].expand(shape)[blocks.inside],
+            best[blocks.inside])
+
+
 def _query_areas(probs: torch.Tensor, scores: torch.Tensor, target: tuple[int, int],
                  config: PostprocessConfig | None) -> tuple[torch.Tensor, torch.Tensor | None, cells.Winners]:
     """Per kept query: the pixels it wins at the target size and, given a config, whether it makes
@@ -76,21 +100,8 @@ def _query_areas(probs: torch.Tensor, scores: torch.Tensor, target: tuple[int, i
     budget = _MAX_MIXED_SHARE * target[0] * target[1]  # pixels to evaluate, per query evaluated
     if int(cell_pixels.sum()) > budget:
         return _upsampled_areas(probs, scores, target, config)
-    # each undecided pixel's winner: the first of its cell's candidates with the highest value
-    corners = cells.corners(scaled.view(k, h * w), cy, cx, h, w)  # (4, K, n)
-    candidate = (corners.amax(0) >= corners.amin(0).amax(0)).T  # (n, K)
-    slots = int(candidate.sum(1).max())
-    # each cell's candidates in query order, then padding slots (query k: never wins)
-    queries = torch.where(candidate, torch.arange(k, device=probs.device), k).sort(1).values[:, :slots]
-    blocks = cells.blocks(cy, cx, rows, cols)
-    real = queries.clamp(max=k - 1)
-    values = cells.block_values(probs, real, cy, cx, blocks, rows, cols)  # (n, J, R, C)
-    values *= scores[real][:, :, None, None]  # the reference scales after interpolating: same floats
-    values.masked_fill_((queries == k)[:, :, None, None], -torch.inf)
-    best = queries.gather(1, values.max(1).indices.flatten(1)).view_as(blocks.inside)[blocks.inside]  # first max
-    shape = blocks.inside.shape
-    winners = cells.Winners(owner, decided, rows, cols, blocks.rows[:, :, None].expand(shape)[blocks.inside],
-                      blocks.cols[:, None, :].expand(shape)[blocks.inside], best)
+    ys, xs, best = _undecided_winners(probs, scores, scaled, cy, cx, rows, cols)
+    winners = cells.Winners(owner, decided, rows, cols, ys, xs, best)
     settled = (rows[4][:, None] * cols[4][None, :] * decided).reshape(-1).to(torch.float64)
     area = torch.bincount(owner.reshape(-1), weights=settled, minlength=k).to(torch.int64)
     area += torch.bincount(best, minlength=k)

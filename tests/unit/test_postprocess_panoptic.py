@@ -152,3 +152,14 @@ def test_sharp_masks_settle_cell_by_cell(monkeypatch, seed):
     assert len({s.label_id for r in ours for s in r.segments}) >= 5
     for o, t in zip(ours, reference(class_logits, masks, targets, config)):
         assert_same(o, t)
+
+
+def test_one_query_owns_every_cell():
+    """No undecided cell at all (a single kept query): one segment covering the image, as the reference."""
+    class_logits = torch.full((1, 5, 4), -10.0)
+    class_logits[0, 0, 1] = 10.0  # only query 0 is kept, label 1
+    masks = torch.randn(1, 5, 8, 8, generator=torch.Generator().manual_seed(0)) + 3.0
+    (ours,) = panoptic_segmentation(class_logits, masks, [(8, 8)], [(20, 30)], PostprocessConfig())
+    (theirs,) = reference(class_logits, masks, [(20, 30)], PostprocessConfig())
+    assert [(s.label_id, s.area, s.bbox) for s in ours.segments] == [(1, 600, (0, 0, 30, 20))]
+    assert_same(ours, theirs)

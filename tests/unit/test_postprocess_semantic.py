@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from transformers import MaskFormerImageProcessor
 
 from pipeline.postprocess import semantic_segmentation
@@ -61,3 +62,12 @@ def test_sharp_masks_settle_cell_by_cell(monkeypatch):
     for o, t in zip(ours, reference(class_logits, masks, targets)):
         assert len(np.unique(o)) >= 5
         assert np.array_equal(o, t)
+
+
+def test_one_class_everywhere():
+    class_logits = torch.full((1, 5, 4), -10.0)
+    class_logits[:, :, 2] = 10.0  # every query says class 2
+    masks = torch.randn(1, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    (ours,) = semantic_segmentation(class_logits, masks, [(8, 8)], [(20, 30)])
+    assert ours.shape == (20, 30) and (ours == 2).all()
+    assert np.array_equal(ours, reference(class_logits, masks, [(20, 30)])[0])
