@@ -8,6 +8,7 @@ is sent the smaller original. Rescale, normalise and pad follow on the device (p
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,9 @@ def resize_for_model(rgb: np.ndarray, processor: Any, device: str | torch.device
     MaskFormer/Mask2Former checkpoint gets its own preprocessing. Images smaller than
     `prepare.MIN_SIDE` never get here.
     """
-    chw = torch.from_numpy(np.ascontiguousarray(rgb))
+    with warnings.catch_warnings():  # Ray hands batches over read-only; nothing here writes to them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        chw = torch.from_numpy(np.ascontiguousarray(rgb))
     if torch.device(device).type == "cuda":  # the uint8 original crosses to the GPU, not the resized floats
         chw = chw.pin_memory().to(device, non_blocking=True)
     chw = chw.permute(2, 0, 1)
