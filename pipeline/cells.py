@@ -61,12 +61,8 @@ def block_values(probs: torch.Tensor, queries: torch.Tensor, cy: torch.Tensor, c
     cell interpolates the same four corners, with its own row and column weights.
     probs: (K, h, w); queries: (n, J) mask of each slot; cy, cx: (n,) -> (n, J, R, C)."""
     _, h, w = probs.shape
-    y1, x1, flat, base = (cy + 1).clamp(max=h - 1), (cx + 1).clamp(max=w - 1), probs.reshape(-1), queries * (h * w)
-
-    def at(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # (n,) corner of each cell -> (n, J, 1)
-        return flat.take(base + (y * w + x)[:, None])[..., None]
-
-    top_left, top_right, bottom_left, bottom_right = at(cy, cx), at(cy, x1), at(y1, cx), at(y1, x1)
+    flat = (queries * (h * w))[None] + corner_index(cy, cx, h, w)[:, :, None]  # (4, n, J)
+    top_left, top_right, bottom_left, bottom_right = probs.reshape(-1).take(flat)[..., None]  # (n, J, 1) each
     wx, wy = cols[2][blocks.cols][:, None, :], rows[2][blocks.rows][:, None, :, None]  # (n, 1, C), (n, 1, R, 1)
     top = top_left + (top_right - top_left) * wx  # (n, J, C)
     bottom = bottom_left + (bottom_right - bottom_left) * wx
@@ -79,10 +75,16 @@ def next_corner(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
 
 
+def corner_index(cy: torch.Tensor, cx: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(n,) cells (cy, cx) of an (h, w) grid -> (4, n) flat indices of their top-left, top-right,
+    bottom-left and bottom-right corners."""
+    y1, x1 = (cy + 1).clamp(max=h - 1), (cx + 1).clamp(max=w - 1)
+    return torch.stack([cy * w + cx, cy * w + x1, y1 * w + cx, y1 * w + x1])
+
+
 def corners(values: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """values (K, h * w) -> (4, K, n): every row's values at the four corners of n cells (cy, cx)."""
-    y1, x1 = (cy + 1).clamp(max=h - 1), (cx + 1).clamp(max=w - 1)
-    flat = torch.cat([cy * w + cx, cy * w + x1, y1 * w + cx, y1 * w + x1])
+    flat = corner_index(cy, cx, h, w).reshape(-1)
     return values.index_select(1, flat).view(values.shape[0], 4, -1).transpose(0, 1)
 
 
@@ -92,7 +94,7 @@ class Winners:
     that decides all its pixels, and the other cells' pixels one by one.
 
     owner: (h, w) int64 winner of each cell, valid where `decided` (h, w) bool; rows, cols: the
-    grid's `_axis` per dimension; ys, xs, best: (M,) the pixels of undecided cells, their winner.
+    grid's `axis` per dimension; ys, xs, best: (M,) the pixels of undecided cells, their winner.
     """
 
     owner: torch.Tensor

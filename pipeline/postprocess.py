@@ -122,8 +122,8 @@ def _query_areas(probs: torch.Tensor, scores: torch.Tensor, target: tuple[int, i
     valid = _kept(area, upper, config)
     # monotone in the thresholded area from 1 up: open only if the bounds disagree, or 0 is possible
     unsure = (lower != upper) & ((_kept(area, lower, config) != valid) | (lower == 0))
-    tq, ty, tx = (t[unsure[tq]] for t in (tq, ty, tx))
-    if int((rows[4][ty] * cols[4][tx]).sum()) > budget * k:
+    tq, ty, tx, crossed = (t[unsure[tq]] for t in (tq, ty, tx, crossed))
+    if int(crossed.sum()) > budget * k:
         return _upsampled_areas(probs, scores, target, config)
     blocks = cells.blocks(ty, tx, rows, cols)
     values = cells.block_values(probs, tq[:, None], ty, tx, blocks, rows, cols)[:, 0]  # (p, R, C)
@@ -201,7 +201,7 @@ def semantic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
 
     Same inputs as `panoptic_segmentation`. The reference upsamples all C class maps
     (einsum of class probabilities and mask probabilities) and takes the argmax; the argmax of the
-    upsampled maps is what `_query_areas` computes, interpolating only the pixels of mixed cells.
+    upsampled maps is what `_query_areas` computes, interpolating only where a cell does not decide.
     Returns per image (H, W) uint8 when C <= 256 classes, else uint16.
     """
     class_probs = F.softmax(class_logits, dim=-1)[..., :-1]  # (B, Q, C)

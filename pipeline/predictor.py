@@ -21,9 +21,9 @@ from pipeline.encode import smallest_id_dtype
 from pipeline.failures import INFER
 from pipeline.memory import release_free_memory, reuse_freed_memory
 from pipeline.model import ModelSource, load_model, load_processor, local_dir
-from pipeline.preprocess import resize_for_model
 from pipeline.postprocess import panoptic_segmentation, semantic_segmentation
 from pipeline.postprocess_instance import instance_segmentation
+from pipeline.preprocess import resize_for_model
 from pipeline.remote import StorageConfig
 from pipeline.results import ImageResult, InstanceResult, PanopticResult
 
