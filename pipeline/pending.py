@@ -1,7 +1,8 @@
 """The work of a run, as a stream of small (key, uri, preview) blocks: inputs minus committed keys.
 
-Runs inside one Ray read task (see run.py), so listing streams: the first blocks are segmented
-while the listing of a large prefix goes on, and the driver never holds the key list.
+Runs inside one Ray read task (see run.py), so the driver never holds the key list. Ray merges
+the blocks a read task yields up to `run.MAX_BLOCK_BYTES` before passing them on: about 200,000
+keys, so the first images of a larger prefix are segmented while its listing goes on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pipeline.remote import StorageConfig
 from pipeline.shards import committed_keys
 from pipeline.storage import OutputStore
 
-BLOCK_ROWS = 16  # rows per block: the unit of parallel read + decode
+BLOCK_ROWS = 16  # rows per block, and images per decode batch
 
 
 @dataclass(frozen=True)
