@@ -10,7 +10,7 @@
 Images: generated scenes scaled to COCO-like sizes (640x480, 480x640, 640x427, 612x612, 500x375)
 and saved as JPEG, quality 90.
 
-    .venv/bin/python bench/pipeline.py [--images 200] [--batch-size 8] [--model bundled]
+    .venv/bin/python bench/pipeline.py [--images 200] [--batch-size 8] [--model bundled] [--compile]
     .venv/bin/python bench/pipeline.py --scale 1000,10000   # pipeline only: time and peak memory
 
 Peak memory is the peak, sampled every 0.2 s, of the summed proportional set size (PSS: shared
@@ -133,25 +133,33 @@ def hand_loop(files: list[Path], model_dir: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def bare_forward(files: list[Path], model_dir: Path, batch_size: int, repeat: int = 1) -> float:
+def bare_forward(files: list[Path], model_dir: Path, batch_size: int, compile: bool) -> float:
+    """Seconds for one forward pass over all batches; compiled, after a first pass that compiles."""
     processor, model = load_processor(model_dir), load_model(model_dir, "cpu")
     images = [resize_for_model(np.asarray(Image.open(p).convert("RGB")), processor) for p in files]
     batches = [pad_batch(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     batches = [(normalize(pixels, mask, processor), mask) for pixels, mask in batches]
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for pixels, mask in batches:
-            model(pixel_values=pixels, pixel_mask=mask)
-    return time.perf_counter() - start
+
+    def forward() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for pixels, mask in batches:
+                model(pixel_values=pixels, pixel_mask=mask)
+        return time.perf_counter() - start
+
+    if compile:
+        model = torch.compile(model, dynamic=True)  # as the pipeline does
+        print(f"(b) first pass, compiling: {forward():.1f} s")
+    return forward()
 
 
-def pipeline(folder: Path, model: str, batch_size: int, out: Path) -> float:
+def pipeline(folder: Path, model: str, batch_size: int, out: Path, compile: bool = False) -> float:
     import ray
 
     ray.init(address="local", ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
     start = time.perf_counter()
     report = run(RunConfig(input=str(folder), output=str(out), model=model,
-                           execution=ExecutionConfig(batch_size=batch_size)), progress=lambda _: None)
+                           execution=ExecutionConfig(batch_size=batch_size, compile=compile)), progress=lambda _: None)
     seconds = time.perf_counter() - start
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in report["run"]["stage_seconds"].items())
     print(f"pipeline: {report['run']['ok']} ok, {report['run']['failed']} failed; worker time per stage: {stages}")
@@ -178,6 +186,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model", default="bundled")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model in (b) (timed after a compiling pass) and (c) (compile included)")
     parser.add_argument("--scale", help="comma-separated image counts: run only the pipeline on each")
     args = parser.parse_args()
     if args.scale:
@@ -187,10 +197,11 @@ def main() -> None:
         folder = coco_like_jpegs(Path(work), args.images, seed=9)
         files = sorted(folder.iterdir())
         t_hand = hand_loop(files, model_dir, Path(work) / "hand")
-        t_bare = bare_forward(files, model_dir, args.batch_size)
-        t_pipe = pipeline(folder, args.model, args.batch_size, Path(work) / "pipeline")
+        t_bare = bare_forward(files, model_dir, args.batch_size, args.compile)
+        t_pipe = pipeline(folder, args.model, args.batch_size, Path(work) / "pipeline", args.compile)
     n = len(files)
-    print(f"{n} images, torch {torch.__version__} on {torch.get_num_threads()} CPU threads, batch {args.batch_size}")
+    print(f"{n} images, torch {torch.__version__} on {torch.get_num_threads()} CPU threads, batch {args.batch_size}"
+          + (", compiled" if args.compile else ""))
     for name, seconds in (("(a) hand-written loop", t_hand), ("(b) bare model forward", t_bare),
                           ("(c) pipeline end to end", t_pipe)):
         print(f"{name:26s} {seconds:8.2f} s {n / seconds:8.2f} images/s")

@@ -102,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="images per committed shard: the unit of resume (default: 64)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="inference precision (default: auto = bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model in each inference actor: a faster forward pass after "
+                        "minutes of compiling at start-up; for long runs")
     p.add_argument("--tasks", type=_tasks, default=("panoptic",),
                    help="outputs to make, comma-separated: panoptic (always), semantic (class-id PNGs), instance "
                         "(COCO RLE masks of things, coco/instances.json) (default: panoptic)")
@@ -133,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         postprocess=PostprocessConfig(args.threshold, args.mask_threshold, args.overlap_mask_area_threshold,
                                       args.label_ids_to_fuse, args.tasks),
         execution=ExecutionConfig(batch_size=args.batch_size, concurrency=args.concurrency,
-                                  shard_size=args.shard_size),
+                                  shard_size=args.shard_size, compile=args.compile),
     )
 
 

@@ -36,6 +36,7 @@ class InferenceConfig:
     dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
     device: str = "auto"
     postprocess: PostprocessConfig = PostprocessConfig()
+    compile: bool = False
     storage: StorageConfig = StorageConfig()
 
     def __post_init__(self) -> None:
@@ -94,6 +95,10 @@ class Predictor:
         directory = local_dir(ModelSource(config.model, config.storage))
         self.processor = load_processor(directory)
         self.model = load_model(directory, self.device)
+        if config.compile:
+            # dynamic sizes: a batch holds several image shapes and every group a different size,
+            # so one compile serves all but groups of one image (torch specialises size 1)
+            self.model = torch.compile(self.model, dynamic=True)
 
     def infer(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[ImageResult]:
         """Decoded (H, W, 3) uint8 images + their (H, W) sizes -> one result per image.

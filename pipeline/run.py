@@ -46,6 +46,7 @@ class ExecutionConfig:
     concurrency: tuple[int, int] = (1, 1)  # (min, max) inference actors
     shard_size: int = 64  # images per committed shard
     prepare_cpus: float = 0.5
+    compile: bool = False  # torch.compile the model in each inference actor
 
     def __post_init__(self) -> None:
         low, high = self.concurrency
@@ -97,7 +98,7 @@ def _plan(config: RunConfig, out: ShardOutput) -> ray.data.Dataset:
     pending = PendingConfig(config.input, out.store, config.storage, config.limit, config.previews)
     prepare = PrepareConfig(storage=config.storage)
     inference = InferenceConfig(model=config.model, dtype=config.dtype, postprocess=config.postprocess,
-                                storage=config.storage)
+                                compile=execution.compile, storage=config.storage)
     # One block per 16 keys as pending.py makes them: left to itself Ray splits the single read
     # task's blocks toward 200 blocks, one key each (measured: ~25 s of overhead per 1,000 keys).
     # (`override_num_blocks=1` stops the split too, but then no shard committed before the last
