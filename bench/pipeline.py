@@ -13,7 +13,7 @@ and saved as JPEG, quality 90.
     .venv/bin/python bench/pipeline.py [--images 200] [--batch-size 8] [--model bundled] [--compile]
     .venv/bin/python bench/pipeline.py --scale 1000,10000   # pipeline only: time and peak memory
 
-Peak memory is the peak, sampled every 0.2 s, of the summed proportional set size (PSS: shared
+Peak memory is the peak, sampled every second, of the summed proportional set size (PSS: shared
 pages split between the processes sharing them) of this process and every process under it: the
 driver, the raylet, the object store and every Ray worker.
 """
@@ -94,7 +94,9 @@ class PeakMemory:
         return self
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.2):
+        # every second: reading smaps_rollup walks each process's page tables (Ray workers map the
+        # whole object store), and every 0.2 s that took 12 % of this machine's CPU (perf)
+        while not self._stop.wait(1.0):
             sizes = {pid: _pss_bytes(pid) for pid in _tree(os.getpid())}
             if sum(sizes.values()) > self.peak:
                 self.peak, self.at_peak = sum(sizes.values()), sizes

@@ -103,8 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="inference precision (default: auto = bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model in each inference actor: a faster forward pass after "
-                        "minutes of compiling at start-up; for long runs")
+                   help="torch.compile the model in each inference actor: compiles for minutes at start-up; "
+                        "only for long GPU runs of large checkpoints (slower on a CPU)")
     p.add_argument("--tasks", type=_tasks, default=("panoptic",),
                    help="outputs to make, comma-separated: panoptic (always), semantic (class-id PNGs), instance "
                         "(COCO RLE masks of things, coco/instances.json) (default: panoptic)")
