@@ -9,7 +9,7 @@ STUFF = {0, 1}  # the bundled model's sky and ground; labels 2-4 are things
 
 
 def test_compiled_model_gives_the_same_segments(tmp_path):
-    # one shape, so the model compiles once (each new shape costs another compile)
+    # one shape in one group of four: a single compile (torch would specialise a group of one)
     files = sorted((generate_scenes(tmp_path, count=8, seed=5) / "images").iterdir())
     # scenes whose objects stay large enough at this size for the model to find them
     images = [np.asarray(Image.open(files[i]).convert("RGB").resize((240, 180))) for i in (1, 2, 6, 7)]
