@@ -59,12 +59,13 @@ def block_values(probs: torch.Tensor, queries: torch.Tensor, cy: torch.Tensor, c
     """Bilinear values of J masks per cell over the cells' blocks, with the arithmetic of
     `F.interpolate(..., mode="bilinear", align_corners=False)` (same floats): every pixel of a
     cell interpolates the same four corners, with its own row and column weights.
-    probs: (K, h, w); queries: (n, J) mask of each slot; cy, cx: (n,) -> (n, J, R, C)."""
+    probs: (K, h, w); queries: (J, n) mask of each slot and cell; cy, cx: (n,) -> (J, n, R, C),
+    slots first so that comparing them runs over contiguous memory."""
     _, h, w = probs.shape
-    flat = (queries * (h * w))[None] + corner_index(cy, cx, h, w)[:, :, None]  # (4, n, J)
-    top_left, top_right, bottom_left, bottom_right = probs.reshape(-1).take(flat)[..., None]  # (n, J, 1) each
-    wx, wy = cols[2][blocks.cols][:, None, :], rows[2][blocks.rows][:, None, :, None]  # (n, 1, C), (n, 1, R, 1)
-    top = top_left + (top_right - top_left) * wx  # (n, J, C)
+    flat = (queries * (h * w))[None] + corner_index(cy, cx, h, w)[:, None, :]  # (4, J, n)
+    top_left, top_right, bottom_left, bottom_right = probs.reshape(-1).take(flat)[..., None]  # (J, n, 1) each
+    wx, wy = cols[2][blocks.cols], rows[2][blocks.rows][:, :, None]  # (n, C), (n, R, 1)
+    top = top_left + (top_right - top_left) * wx  # (J, n, C)
     bottom = bottom_left + (bottom_right - bottom_left) * wx
     return top[:, :, None, :] + (bottom - top)[:, :, None, :] * wy
 

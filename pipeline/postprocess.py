@@ -59,19 +59,20 @@ def _undecided_winners(probs: torch.Tensor, scores: torch.Tensor, scaled: torch.
     if len(cy) == 0:  # one query, or one winner everywhere
         return cy, cy, cy
     corners = cells.corners(scaled.view(k, h * w), cy, cx, h, w)  # (4, K, n)
-    candidate = (corners.amax(0) >= corners.amin(0).amax(0)).T  # (n, K)
-    slots = int(candidate.sum(1).max())
-    # each cell's candidates in query order, then padding slots (query k: never wins)
-    queries = torch.where(candidate, torch.arange(k, device=probs.device), k).sort(1).values[:, :slots]
+    candidate = corners.amax(0) >= corners.amin(0).amax(0)  # (K, n)
+    slots = int(candidate.sum(0).max())
+    # each cell's candidates in query order; its spare slots repeat its first candidate, which
+    # leaves the first maximum where it was
+    ranked = torch.where(candidate, torch.arange(k, device=probs.device)[:, None], k).sort(0).values[:slots]
+    queries = torch.where(ranked == k, ranked[:1], ranked)  # (J, n)
     blocks = cells.blocks(cy, cx, rows, cols)
-    real = queries.clamp(max=k - 1)
-    values = cells.block_values(probs, real, cy, cx, blocks, rows, cols)  # (n, J, R, C)
-    values *= scores[real][:, :, None, None]  # the reference scales after interpolating: same floats
-    values.masked_fill_((queries == k)[:, :, None, None], -torch.inf)
-    best = queries.gather(1, values.max(1).indices.flatten(1)).view_as(blocks.inside)  # first max
-    shape = blocks.inside.shape
-    return (blocks.rows[:, :, None].expand(shape)[blocks.inside], blocks.cols[:, None, :].expand(shape)[blocks.inside],
-            best[blocks.inside])
+    values = cells.block_values(probs, queries, cy, cx, blocks, rows, cols)  # (J, n, R, C)
+    values *= scores[queries][:, :, None, None]  # the reference scales after interpolating: same floats
+    n, height, width = blocks.inside.shape
+    best = queries.T.gather(1, values.max(0).indices.view(n, -1)).view(-1)  # first max
+    pixel = blocks.inside.view(-1).nonzero().squeeze(1)  # of the (n, R, C) blocks
+    cell = pixel // (height * width)
+    return (blocks.rows.view(-1)[pixel // width], blocks.cols.view(-1)[cell * width + pixel % width], best[pixel])
 
 
 def _query_areas(probs: torch.Tensor, scores: torch.Tensor, target: tuple[int, int],
@@ -126,7 +127,7 @@ def _query_areas(probs: torch.Tensor, scores: torch.Tensor, target: tuple[int, i
     if int(crossed.sum()) > budget * k:
         return _upsampled_areas(probs, scores, target, config)
     blocks = cells.blocks(ty, tx, rows, cols)
-    values = cells.block_values(probs, tq[:, None], ty, tx, blocks, rows, cols)[:, 0]  # (p, R, C)
+    values = cells.block_values(probs, tq[None], ty, tx, blocks, rows, cols)[0]  # (p, R, C)
     passes = ((values * scores[tq][:, None, None] >= config.mask_threshold) & blocks.inside).sum((1, 2))
     original = lower + torch.bincount(tq, weights=passes.to(torch.float64), minlength=k).to(torch.int64)
     return area, torch.where(unsure, _kept(area, original, config), valid), winners
