@@ -59,12 +59,20 @@ class OutputStore:
     def open_atomic(self, relative: str) -> Iterator[IO[bytes]]:
         """A binary stream for a large file that appears whole, or not at all, when closed.
 
-        Object stores publish a (multipart) upload only when it completes; locally we rename.
+        Object stores publish a (multipart) upload only when it completes; locally we rename. If
+        the caller raises, nothing is published and the previous file stays.
         """
         target = self.path(relative)
         if not self.is_local:
-            with self.fs.open(target, "wb") as f:
+            f = self.fs.open(target, "wb")
+            try:
                 yield f
+            except BaseException:
+                # `with` would close the file, and closing completes the upload: half a file
+                f.discard()  # aborts a multipart upload already started
+                f.closed = True
+                raise
+            f.close()
             return
         os.makedirs(posixpath.dirname(target), exist_ok=True)
         temporary = f"{target}.{uuid.uuid4().hex}.tmp"
