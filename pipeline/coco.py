@@ -59,17 +59,26 @@ def _write_array(f, items) -> None:
     f.write(b"]")
 
 
-def _images(store: OutputStore, totals: DatasetTotals):
-    """COCO `images` entries of every committed image; refuses a duplicate image id."""
-    seen = set()
-    for table in iter_committed(store, IMAGES_DIR, columns=["key", "width", "height"]):
+def _unique_rows(store: OutputStore, columns: list[str]):
+    """Every committed image's row, once: a key committed in two parts (two runs on one output at
+    once) counts in the first part by name. Two keys with one image id are refused."""
+    first_key: dict[int, bytes] = {}  # image id -> digest of its key: less memory than the key
+    for table in iter_committed(store, IMAGES_DIR, columns=["key", *columns]):
         for row in table.to_pylist():
-            ident = image_id(row["key"])
-            if ident in seen:
-                raise DuplicateImageId(f"image id {ident} of key {row['key']!r} is not unique")
-            seen.add(ident)
-            totals.images += 1
-            yield {"id": ident, "file_name": row["key"], "width": row["width"], "height": row["height"]}
+            ident, digest = image_id(row["key"]), hashlib.blake2b(row["key"].encode(), digest_size=16).digest()
+            if ident in first_key:
+                if first_key[ident] != digest:
+                    raise DuplicateImageId(f"image id {ident} of key {row['key']!r} is not unique")
+                continue
+            first_key[ident] = digest
+            yield row
+
+
+def _images(store: OutputStore, totals: DatasetTotals):
+    """COCO `images` entries of every committed image."""
+    for row in _unique_rows(store, ["width", "height"]):
+        totals.images += 1
+        yield {"id": image_id(row["key"]), "file_name": row["key"], "width": row["width"], "height": row["height"]}
 
 
 def _write_dataset(store: OutputStore, path: str, totals: DatasetTotals, annotations, categories: list[dict]) -> None:
@@ -88,12 +97,11 @@ def write_panoptic_json(store: OutputStore, categories: Sequence[Category]) -> D
     totals = DatasetTotals()
 
     def annotations():
-        for table in iter_committed(store, IMAGES_DIR, columns=["key", "panoptic_png", "segments"]):
-            for row in table.to_pylist():
-                for s in row["segments"]:
-                    totals.segments[s["category_id"]] += 1
-                    totals.pixels[s["category_id"]] += s["area"]
-                yield _annotation(row)
+        for row in _unique_rows(store, ["panoptic_png", "segments"]):
+            for s in row["segments"]:
+                totals.segments[s["category_id"]] += 1
+                totals.pixels[s["category_id"]] += s["area"]
+            yield _annotation(row)
 
     _write_dataset(store, PANOPTIC_JSON, totals, annotations(), [c.coco() for c in categories])
     return totals
@@ -104,13 +112,12 @@ def write_instances_json(store: OutputStore, categories: Sequence[Category]) -> 
     (compressed RLE masks, with scores: loadable by pycocotools as ground truth or results)."""
 
     def annotations():
-        for table in iter_committed(store, IMAGES_DIR, columns=["key", "width", "height", "instances"]):
-            for row in table.to_pylist():
-                for inst in row["instances"] or ():
-                    yield {"id": image_id(f"{row['key']}#{inst['id']}"), "image_id": image_id(row["key"]),
-                           "category_id": inst["category_id"], "iscrowd": 0, "score": inst["score"],
-                           "area": inst["area"], "bbox": list(inst["bbox"]),
-                           "segmentation": {"size": [row["height"], row["width"]], "counts": inst["rle"]}}
+        for row in _unique_rows(store, ["width", "height", "instances"]):
+            for inst in row["instances"] or ():
+                yield {"id": image_id(f"{row['key']}#{inst['id']}"), "image_id": image_id(row["key"]),
+                       "category_id": inst["category_id"], "iscrowd": 0, "score": inst["score"],
+                       "area": inst["area"], "bbox": list(inst["bbox"]),
+                       "segmentation": {"size": [row["height"], row["width"]], "counts": inst["rle"]}}
 
     things = [c.coco() for c in categories if c.isthing]
     _write_dataset(store, INSTANCES_JSON, DatasetTotals(), annotations(), things)

@@ -6,16 +6,17 @@ A shard is one batch of the write stage. Its outputs are written in this order:
   2. tables/errors/<shard>.parquet (if any image failed),
   3. tables/images/<shard>.parquet: the commit record. A shard is committed when, and only
      when, this file exists; it is written last and atomically.
+<shard> is a hash of the shard's keys, so writing a shard again overwrites it.
 An errors part without its images part belongs to a shard that was cut off: it is ignored and
 removed at the next start, and its keys are redone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -50,6 +51,12 @@ class ShardOutput:
     model: str
     input_storage: StorageConfig = StorageConfig()  # to re-read the few inputs that get a preview
     tasks: tuple[str, ...] = ("panoptic",)
+
+
+def part_name(keys: Sequence[str]) -> str:
+    """A shard's part name, from its keys: a write task that Ray runs again (its worker died after
+    the commit) overwrites its own parts instead of committing the same images twice."""
+    return hashlib.sha256("\0".join(sorted(map(str, keys))).encode()).hexdigest()[:32]
 
 
 def panoptic_png_path(key: str) -> str:
@@ -122,7 +129,7 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
         images.append(row | {"width": int(batch["width"][i]), "height": int(batch["height"][i]),
                              "panoptic_png": png, "model": out.model, "segments": segments,
                              "semantic_png": semantic, "instances": instances})
-    shard = uuid.uuid4().hex
+    shard = part_name(batch["key"])
     if errors:
         store.write_bytes(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))
     store.write_bytes(f"{IMAGES_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(images, tables.IMAGES))

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 from pipeline.coco import image_id, write_panoptic_json
 from pipeline.encode import read_panoptic_png
 from pipeline.labels import Category
-from pipeline.shards import ShardOutput, committed_keys, remove_uncommitted, write_shard
+from pipeline.shards import ShardOutput, committed_count, committed_keys, remove_uncommitted, write_shard
 from pipeline.storage import OutputStore
 
 CATEGORIES = (Category(0, 1, "sky", False, (0, 0, 255), "stuff"), Category(1, 7, "disc", True, (255, 0, 0), "thing"))
@@ -66,3 +66,26 @@ def test_coco_rebuild(tmp_path):
     assert data["annotations"][0]["segments_info"][0]["category_id"] == 1
     assert [c["id"] for c in data["categories"]] == [1, 7]
     assert totals.images == 2 and totals.pixels == {1: 20, 7: 4} and totals.segments == {1: 2, 7: 2}
+
+
+def test_a_shard_written_again_overwrites_its_parts(tmp_path):
+    """Ray runs a write task again when its worker dies after the commit: same keys, same parts."""
+    store, out = OutputStore(str(tmp_path)), ShardOutput(OutputStore(str(tmp_path)), CATEGORIES, "r", "m")
+    for _ in range(2):
+        write_shard(_batch(["a.jpg", "bad.jpg"], errors={"bad.jpg"}), out)
+    assert len(list((tmp_path / "tables/images").iterdir())) == 1
+    assert len(list((tmp_path / "tables/errors").iterdir())) == 1
+    assert committed_count(store) == 2
+
+
+def test_coco_counts_a_key_committed_in_two_shards_once(tmp_path):
+    """Two runs on one output at once can commit one key in two shards: the COCO files stay valid."""
+    store = OutputStore(str(tmp_path))
+    out = ShardOutput(store, CATEGORIES, "r", "m")
+    write_shard(_batch(["a.jpg", "b.jpg"]), out)
+    write_shard(_batch(["b.jpg", "c.jpg"]), out)
+    totals = write_panoptic_json(store, CATEGORIES)
+    data = json.loads((tmp_path / "coco/panoptic.json").read_text())
+    assert sorted(im["file_name"] for im in data["images"]) == ["a.jpg", "b.jpg", "c.jpg"]
+    assert sorted(a["image_id"] for a in data["annotations"]) == sorted(image_id(k) for k in ("a.jpg", "b.jpg", "c.jpg"))
+    assert totals.images == 3 and totals.segments == {1: 3, 7: 3}
