@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from pipeline.remote import StorageConfig
+from pipeline.remote import StorageConfig, file_system
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".pbm", ".pgm", ".ppm"}
@@ -30,11 +30,12 @@ def safe_key(relative: str) -> str:
     """A relative object name made safe to join under an output prefix.
 
     Path segments stay segments (sub-folders are kept); '.', '..' and empty segments, backslashes,
-    '%' and control characters are percent-encoded, so no key is absolute or climbs out.
+    '%' and unprintable characters are percent-encoded (their UTF-8 bytes: one name, one key), so no
+    key is absolute or climbs out.
     """
     def segment(part: str) -> str:
         part = part.replace("%", "%25").replace("\\", "%5C")
-        part = "".join(c if c.isprintable() else f"%{ord(c):02X}" for c in part)
+        part = "".join(c if c.isprintable() else "".join(f"%{b:02X}" for b in c.encode()) for c in part)
         return {"": "%00", ".": "%2E", "..": "%2E%2E"}.get(part, part)
 
     return "/".join(segment(p) for p in relative.split("/"))
@@ -58,23 +59,26 @@ def _s3_paths(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
         request["ContinuationToken"] = page["NextContinuationToken"]
 
 
-def _list_folder(fs: fsspec.AbstractFileSystem, root: str, protocol: str) -> Iterator[tuple[str, str]]:
+def _list_folder(fs: fsspec.AbstractFileSystem, root: str, protocol: str, skip: str | None) -> Iterator[tuple[str, str]]:
+    """Images under `root`, except under the folder `skip` (the output, when it lies inside)."""
     root = root.rstrip("/")
+    skipped = (lambda path: path.startswith(skip)) if skip else (lambda path: False)
     if protocol in ("s3", "s3a"):
         for path in _s3_paths(fs, root):
-            if _is_image(path):
+            if _is_image(path) and not skipped(path):
                 yield safe_key(path[len(root) + 1:]), f"s3://{path}"
         return
     for directory, _, files in fs.walk(root):
         for name in sorted(files):
             path = f"{directory.rstrip('/')}/{name}"
-            if _is_image(path):
+            if _is_image(path) and not skipped(path):
                 uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
                 yield safe_key(path[len(root) + 1:]), uri
 
 
 def _manifest_uris(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
-    if path.endswith(".parquet"):
+    kind = path.lower()
+    if kind.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         with fs.open(path, "rb") as f:
@@ -84,32 +88,55 @@ def _manifest_uris(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
         return
     with fs.open(path, "rt") as f:
         text = f.read()
-    if path.endswith(".csv"):
-        rows = list(csv.reader(io.StringIO(text)))
+    if kind.endswith(".csv"):
+        rows = [r for r in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in r)]
         column = rows[0].index("uri") if rows and "uri" in rows[0] else 0
-        start = 1 if rows and ("uri" in rows[0] or not rows[0][column].strip().startswith(("/", "s3:", "gs:"))) else 0
-        yield from (r[column].strip() for r in rows[start:] if r and r[column].strip())
+        first = rows[0][column].strip() if rows else ""
+        # a header names its columns; without a "uri" one, a first cell that is no path, URL or
+        # image name is taken for a header
+        header = bool(rows) and ("uri" in rows[0] or not (_is_image(first) or "://" in first or first.startswith("/")))
+        yield from (r[column].strip() for r in rows[header:] if len(r) > column and r[column].strip())
     else:
         yield from (line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
 def _manifest_key(uri: str) -> str:
-    parts = urlsplit(uri)
-    relative = f"{parts.netloc}{parts.path}" if parts.scheme else uri
-    return safe_key(relative.lstrip("/"))
+    """The URI without its scheme. An object name keeps its '?' and '#' (s3://b/a#1.jpg is an object
+    of that name); a web URL keeps its query, which names the resource, and drops its fragment,
+    which never reaches the server."""
+    scheme, separator, rest = uri.partition("://")
+    if not separator:
+        return safe_key(uri.lstrip("/"))
+    if scheme.lower() in ("http", "https"):
+        parts = urlsplit(uri)
+        rest = parts.netloc + parts.path + (f"?{parts.query}" if parts.query else "")
+    return safe_key(rest.lstrip("/"))
 
 
-def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig()) -> Iterator[tuple[str, str]]:
-    """Yield (key, uri) for every image under `input_uri`, or listed in it if it is a manifest."""
+def _inside(output: str, storage: StorageConfig, fs: fsspec.AbstractFileSystem, root: str) -> str | None:
+    """The output's path plus "/" when the output lies inside the input folder `root` of `fs`."""
+    out_fs, out_root = file_system(output, storage, write=True)
+    same = out_fs.protocol == fs.protocol
+    prefix = out_root.rstrip("/") + "/"
+    return prefix if same and prefix.startswith(root.rstrip("/") + "/") else None
+
+
+def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig(),
+                output: str | None = None) -> Iterator[tuple[str, str]]:
+    """Yield (key, uri) for every image under `input_uri`, or listed in it if it is a manifest;
+    nothing under `output` (a run's own outputs, when written inside its input, are no input)."""
     try:
-        fs, root = fsspec.core.url_to_fs(input_uri, **storage.options(input_uri))
+        fs, root = file_system(input_uri, storage)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         if root.lower().endswith(MANIFEST_EXTENSIONS) and fs.isfile(root):
             for uri in _manifest_uris(fs, root):
                 yield _manifest_key(uri), uri
             return
+        if _is_image(root) and fs.isfile(root):  # a single image
+            yield safe_key(root.rsplit("/", 1)[-1]), input_uri
+            return
         if not fs.isdir(root):
             raise InputError(f"no images found: input {input_uri} does not exist or is an empty prefix")
-        yield from _list_folder(fs, root, protocol)
+        yield from _list_folder(fs, root, protocol, _inside(output, storage, fs, root) if output else None)
     except (FileNotFoundError, PermissionError) as exc:
         raise InputError(f"cannot list input {input_uri}: {exc}") from exc

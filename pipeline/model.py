@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pipeline.remote import StorageConfig
+from pipeline.remote import StorageConfig, file_system
 
 SUPPORTED_MODEL_TYPES = ("maskformer", "mask2former")
 BUNDLED = "bundled"  # the trained checkpoint shipped in the package, found on every node
@@ -46,12 +46,10 @@ def _cache_root() -> Path:
 
 def _copy_remote_dir(uri: str, storage: StorageConfig) -> Path:
     """Copy a remote checkpoint directory into the node's cache once; atomic by rename."""
-    import fsspec
-
     target = _cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if target.is_dir():
         return target
-    fs, root = fsspec.core.url_to_fs(uri, **storage.options(uri))
+    fs, root = file_system(uri, storage)
     try:
         names = [p for p in fs.ls(root, detail=False) if p.endswith((".json", ".safetensors", ".bin"))]
     except FileNotFoundError as exc:

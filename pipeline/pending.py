@@ -39,7 +39,7 @@ def pending_blocks(config: PendingConfig) -> Iterator[pa.Table]:
     keys: list[str] = []
     uris: list[str] = []
     emitted = 0
-    for key, uri in iter_inputs(config.input, config.storage):
+    for key, uri in iter_inputs(config.input, config.storage, config.store.root):
         if key in seen:
             continue
         seen.add(key)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import fsspec
-
 from pipeline.failures import READ, as_failure
-from pipeline.remote import StorageConfig
+from pipeline.remote import StorageConfig, file_system
 
 
 def read_bytes(uri: str, storage: StorageConfig) -> bytes:
     try:
-        with fsspec.open(uri, "rb", **storage.options(uri)) as f:
-            return f.read()
+        fs, path = file_system(uri, storage)
+        return fs.cat_file(path)
     except Exception as exc:  # missing, denied, network: recorded as this image's error row
         raise as_failure(READ, exc) from exc

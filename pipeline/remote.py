@@ -7,6 +7,10 @@ and `AWS_ENDPOINT_URL` is honoured by botocore itself; nothing here holds or log
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 S3_SCHEMES = ("s3://", "s3a://")
 
@@ -26,6 +30,16 @@ class StorageConfig:
         if self.anonymous and not write:
             options["anon"] = True
         return options
+
+
+def file_system(url: str, storage: StorageConfig, write: bool = False) -> tuple[AbstractFileSystem, str]:
+    """(fsspec file system of `url`'s scheme, the path in it). Unlike `fsspec.core.url_to_fs`,
+    a "::" in a name belongs to the name (fsspec would read it as a chain of file systems)."""
+    import fsspec
+
+    protocol, _ = fsspec.core.split_protocol(url)
+    fs = fsspec.filesystem(protocol or "file", **storage.options(url, write=write))
+    return fs, fs._strip_protocol(url)
 
 
 _SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")

@@ -171,7 +171,7 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     model_dir = local_dir(ModelSource(config.model, config.storage))
     categories = load_categories(load_config(model_dir).id2label, model_dir, config.label_map,
                                  config.storage.options(config.label_map or ""))
-    if next(iter_inputs(config.input, config.storage), None) is None:
+    if next(iter_inputs(config.input, config.storage, config.output), None) is None:
         raise InputError(f"no images found under {config.input}")
     if config.overwrite:
         clear_outputs(store)

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.decode import decode_image
 from pipeline.encode import panoptic_png, png_bytes
+from pipeline.failures import ImageFailure
 from pipeline.labels import Category
 from pipeline.memory import release_free_memory
 from pipeline.read import read_bytes
@@ -99,7 +100,10 @@ def semantic_png(label_map: np.ndarray, categories: Sequence[Category]) -> bytes
 
 def _preview(out: ShardOutput, key: str, uri: str, segment_ids: np.ndarray, segments: list[dict]) -> None:
     colors = {c.id: c.color for c in out.categories}
-    rgb = decode_image(read_bytes(uri, out.input_storage))
+    try:
+        rgb = decode_image(read_bytes(uri, out.input_storage))
+    except ImageFailure:  # the input changed since it was segmented: no preview, the result stands
+        return
     write_preview(out.store, key, rgb, segment_ids, [s | {"color": colors[s["category_id"]]} for s in segments])
 
 

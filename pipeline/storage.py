@@ -12,7 +12,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from pipeline.remote import StorageConfig
+from pipeline.remote import StorageConfig, file_system
 from typing import IO, Iterator
 
 import fsspec
@@ -26,11 +26,11 @@ class OutputStore:
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        return fsspec.core.url_to_fs(self.root, **self.storage.options(self.root, write=True))[0]
+        return file_system(self.root, self.storage, write=True)[0]
 
     @property
     def _base(self) -> str:
-        return fsspec.core.url_to_fs(self.root, **self.storage.options(self.root, write=True))[1].rstrip("/")
+        return file_system(self.root, self.storage, write=True)[1].rstrip("/")
 
     @property
     def is_local(self) -> bool:

@@ -49,3 +49,51 @@ def test_manifests(tmp_path, image_dir):
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         list(iter_inputs(str(tmp_path / "nope")))
+
+
+def test_unprintable_characters_never_share_a_key():
+    assert safe_key("\x180E.jpg") != safe_key("\u180e.jpg")
+    assert safe_key("\u180e.jpg") == "%E1%A0%8E.jpg"
+
+
+def test_csv_manifests_with_and_without_header(tmp_path):
+    urls = ["https://cdn.example.com/img?id=1", "https://cdn.example.com/img?id=2", "images/3.jpg"]
+    (tmp_path / "bare.csv").write_text("\n" + "\n".join(f"{u},cat" for u in urls) + "\n")  # blank first line
+    (tmp_path / "named.csv").write_text("label,uri\n" + "\n".join(f"cat,{u}" for u in urls) + "\n")
+    (tmp_path / "other.csv").write_text("path\n" + "\n".join(urls) + "\n")
+    (tmp_path / "LIST.CSV").write_text("uri,label\n" + "\n".join(f"{u},cat" for u in urls) + "\n")
+    pq.write_table(pa.table({"uri": urls}), tmp_path / "LIST.PARQUET")
+    for name in ("bare.csv", "named.csv", "other.csv", "LIST.CSV", "LIST.PARQUET"):
+        assert [uri for _, uri in iter_inputs(str(tmp_path / name))] == urls, name
+
+
+def test_manifest_keys_keep_what_names_the_object():
+    uris = ["https://cdn.example.com/img?id=1", "https://cdn.example.com/img?id=2#top",
+            "s3://bucket/a#1.jpg", "s3://bucket/a#2.jpg", "/data/x?.png"]
+    from pipeline.listing import _manifest_key
+
+    assert [_manifest_key(u) for u in uris] == ["cdn.example.com/img?id=1", "cdn.example.com/img?id=2",
+                                               "bucket/a#1.jpg", "bucket/a#2.jpg", "data/x?.png"]
+
+
+def test_an_output_inside_the_input_is_not_listed(tmp_path, image_dir):
+    import shutil
+
+    root = tmp_path / "in"
+    shutil.copytree(image_dir, root)
+    (root / "out" / "panoptic").mkdir(parents=True)
+    (root / "out" / "panoptic" / "img_0.jpg.png").write_bytes((image_dir / "img_0.jpg").read_bytes())
+    (root / "outside.jpg").write_bytes((image_dir / "img_0.jpg").read_bytes())
+    keys = {key for key, _ in iter_inputs(str(root), output=str(root / "out"))}
+    assert "outside.jpg" in keys and not any(k.startswith("out/") for k in keys)
+    assert "out/panoptic/img_0.jpg.png" in {key for key, _ in iter_inputs(str(root))}
+
+
+def test_a_single_image_is_an_input_and_names_with_double_colons_are_read(tmp_path, image_dir):
+    from pipeline.read import read_bytes
+    from pipeline.remote import StorageConfig
+
+    odd = tmp_path / "a::b.jpg"
+    odd.write_bytes((image_dir / "img_0.jpg").read_bytes())
+    assert list(iter_inputs(str(odd))) == [("a::b.jpg", str(odd))]
+    assert read_bytes(str(odd), StorageConfig()) == odd.read_bytes()

@@ -89,3 +89,12 @@ def test_coco_counts_a_key_committed_in_two_shards_once(tmp_path):
     assert sorted(im["file_name"] for im in data["images"]) == ["a.jpg", "b.jpg", "c.jpg"]
     assert sorted(a["image_id"] for a in data["annotations"]) == sorted(image_id(k) for k in ("a.jpg", "b.jpg", "c.jpg"))
     assert totals.images == 3 and totals.segments == {1: 3, 7: 3}
+
+
+def test_a_preview_whose_input_is_gone_is_skipped(tmp_path):
+    """The input is re-read for its preview; if it vanished since, the result still commits."""
+    store = OutputStore(str(tmp_path))
+    batch = _batch(["gone.jpg"]) | {"preview": np.ones(1, dtype=bool)}
+    status = write_shard(batch, ShardOutput(store, CATEGORIES, "r", "m"))
+    assert status["ok"].tolist() == [True] and committed_keys(store) == {"gone.jpg"}
+    assert not (tmp_path / "previews").exists()
