@@ -136,6 +136,22 @@ class Predictor:
                      if "instance" in post.tasks else [None] * n)
         return [ImageResult(*parts) for parts in zip(panoptic, semantic, instances)]
 
+    def _infer_or_fail(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[ImageResult | tuple[str, str]]:
+        """`infer`, with (error type, message) in place of the result of an image that fails.
+
+        One image can fail its whole batch (out of memory on a huge one): the batch is then
+        inferred again image by image, so that only that image fails."""
+        try:
+            return self.infer(images, sizes)
+        except (RuntimeError, ValueError) as exc:
+            failure = (type(exc).__name__, str(exc)[:500])
+        # the exception, and the batch's tensors its frames hold, are released before the retries
+        if len(images) == 1:
+            return [failure]
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return [self._infer_or_fail([image], [size])[0] for image, size in zip(images, sizes)]
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
         ids, segments = np.empty(n, dtype=object), np.full(n, "[]", dtype=object)
@@ -147,17 +163,16 @@ class Predictor:
         seconds = np.zeros(n, np.float64)
         start = time.perf_counter()
         if todo:
-            try:
-                results = self.infer([batch["image"][i] for i in todo],
-                                     [(int(batch["height"][i]), int(batch["width"][i])) for i in todo])
-                for i, result in zip(todo, results):
-                    ids[i], segments[i] = smallest_id_dtype(result.panoptic.segment_ids), _segments_json(result.panoptic)
-                    if result.semantic is not None:
-                        semantic[i] = result.semantic
-                    instances[i] = _instances_json(result.instances)
-            except (RuntimeError, ValueError) as exc:  # e.g. out of memory on a huge batch: error rows
-                for i in todo:
-                    error_stage[i], error_type[i], error_message[i] = INFER, type(exc).__name__, str(exc)[:500]
+            results = self._infer_or_fail([batch["image"][i] for i in todo],
+                                          [(int(batch["height"][i]), int(batch["width"][i])) for i in todo])
+            for i, result in zip(todo, results):
+                if isinstance(result, tuple):
+                    error_stage[i], (error_type[i], error_message[i]) = INFER, result
+                    continue
+                ids[i], segments[i] = smallest_id_dtype(result.panoptic.segment_ids), _segments_json(result.panoptic)
+                if result.semantic is not None:
+                    semantic[i] = result.semantic
+                instances[i] = _instances_json(result.instances)
             seconds[todo] = (time.perf_counter() - start) / len(todo)
         release_free_memory()
         passthrough = {name: column for name, column in batch.items() if name != "image"}

@@ -24,3 +24,32 @@ def test_compiled_model_gives_the_same_segments(tmp_path):
         # fused kernels may round differently: nearly every pixel the same, the same segments
         assert (ours.panoptic.segment_ids == reference.panoptic.segment_ids).mean() > 0.999
         assert [s.label_id for s in ours.panoptic.segments] == [s.label_id for s in reference.panoptic.segments]
+
+
+def test_an_image_that_fails_its_batch_fails_alone(tmp_path):
+    """Out of memory on one huge image: the batch is inferred again image by image."""
+    import torch
+
+    files = sorted((generate_scenes(tmp_path, count=3, seed=5) / "images").iterdir())
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    images[1] = np.asarray(Image.open(files[1]).convert("RGB").resize((2048, 512)))  # the "huge" one
+    predictor = Predictor(InferenceConfig(model=BUNDLED))
+    forward = predictor.model.forward
+
+    def out_of_memory_on_large_inputs(pixel_values, **kwargs):
+        if pixel_values.shape[-1] > 4 * pixel_values.shape[-2] - 8:  # the bundled model's input for 512 x 2048
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(pixel_values=pixel_values, **kwargs)
+
+    predictor.model.forward = out_of_memory_on_large_inputs
+    n = len(images)
+    column = np.empty(n, dtype=object)
+    column[:] = images
+    batch = {"key": np.asarray([f.name for f in files]), "image": column,
+             "height": np.asarray([im.shape[0] for im in images]), "width": np.asarray([im.shape[1] for im in images]),
+             "error_type": np.full(n, ""), "error_stage": np.full(n, ""), "error_message": np.full(n, "")}
+    out = predictor(batch)
+    assert out["error_type"].tolist() == ["", "OutOfMemoryError", ""]
+    assert out["error_stage"][1] == "infer" and "out of memory" in out["error_message"][1]
+    for i in (0, 2):
+        assert len(out["segments"][i]) > 2 and out["segment_ids"][i].shape == images[i].shape[:2]
