@@ -124,13 +124,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write overlays of the first N images and previews/index.html, a contact sheet")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing output first; needed to change model or parameters on it")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="redo the images that earlier runs on this output committed as failed "
+                        "(e.g. read errors while the bucket was unreachable)")
     return p.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         input=args.input, output=args.output, model=args.model, label_map=args.label_map, dtype=args.dtype,
-        limit=args.limit, overwrite=args.overwrite, previews=args.previews,
+        limit=args.limit, overwrite=args.overwrite, retry_failed=args.retry_failed, previews=args.previews,
         max_error_ratio=args.max_error_ratio,
         storage=StorageConfig(endpoint_url=args.endpoint_url, anonymous=args.anonymous),
         postprocess=PostprocessConfig(args.threshold, args.mask_threshold, args.overlap_mask_area_threshold,

@@ -27,7 +27,7 @@ from pipeline.prepare import PrepareConfig
 from pipeline.previews import PREVIEWS_DIR, write_index
 from pipeline.remote import StorageConfig
 from pipeline.report import RunCounts, build_report, write_report
-from pipeline.shards import STAGE_SECONDS, ShardOutput, committed_count, remove_uncommitted
+from pipeline.shards import STAGE_SECONDS, ShardOutput, committed_count, forget_failures, remove_uncommitted
 from pipeline.state import check_settings, clear_outputs, record_run
 from pipeline.storage import OutputStore
 
@@ -65,6 +65,7 @@ class RunConfig:
     previews: int = 0  # overlays for the first N images of this run
     max_error_ratio: float = 0.5  # stop once more than this share of images failed (after 20)
     overwrite: bool = False  # delete an existing output first (e.g. to change model)
+    retry_failed: bool = False  # redo the images that earlier runs committed as failed
     postprocess: PostprocessConfig = PostprocessConfig()
     execution: ExecutionConfig = ExecutionConfig()
     storage: StorageConfig = StorageConfig()
@@ -180,6 +181,8 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
     remove_uncommitted(store)
+    if config.retry_failed:
+        progress(f"retrying {forget_failures(store)} images that failed in earlier runs")
     counts = RunCounts(committed_before=committed_count(store))
     progress(f"{counts.committed_before} images already committed under {config.output}; listing {config.input}")
     # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start an embedded runtime

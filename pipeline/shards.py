@@ -160,6 +160,17 @@ def remove_uncommitted(store: OutputStore) -> int:
     return len(orphans)
 
 
+def forget_failures(store: OutputStore) -> int:
+    """Delete every committed errors part, so that the failed images are pending again (their
+    shards' segmented images stay committed); returns how many images failed."""
+    committed = set(committed_parts(store))
+    parts = [f"{ERRORS_DIR}/{name}" for name in store.list(ERRORS_DIR, PART_SUFFIX) if name in committed]
+    failed = sum(pq.read_metadata(io.BytesIO(store.read_bytes(part))).num_rows for part in parts)
+    for part in parts:
+        store.delete(part)
+    return failed
+
+
 def iter_committed(store: OutputStore, directory: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
     """Each committed part of `directory` (IMAGES_DIR or ERRORS_DIR) as a table."""
     committed = set(committed_parts(store))

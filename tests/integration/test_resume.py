@@ -166,3 +166,25 @@ def test_killed_predictor_actor_is_restarted_and_nothing_is_lost(ray_runtime, tm
     assert report["run"]["ok"] == 60 and report["run"]["failed"] == 0
     keys = [r["key"] for r in images_table(output)]
     assert sorted(keys) == sorted(p.name for p in images.iterdir())  # each exactly once
+
+
+def test_failed_images_are_redone_only_when_asked(ray_runtime, tmp_path, image_dir):
+    images = tmp_path / "images"
+    images.mkdir()
+    good = (image_dir / "img_0.jpg").read_bytes()
+    for i in range(3):
+        (images / f"ok_{i}.jpg").write_bytes(good)
+    (images / "late.jpg").write_bytes(good[: len(good) // 3])  # still uploading when the run read it
+    output = tmp_path / "out"
+    config = RunConfig(input=str(images), output=str(output), max_error_ratio=1.0)
+    first = run(config, progress=lambda _: None)
+    assert first["run"]["failed"] == 1 and first["dataset"]["errors"] == 1
+    (images / "late.jpg").write_bytes(good)
+    assert run(config, progress=lambda _: None)["run"]["processed"] == 0  # a failure is committed
+    messages: list[str] = []
+    retried = run(RunConfig(input=str(images), output=str(output), retry_failed=True), progress=messages.append)
+    assert retried["run"]["processed"] == 1 and retried["run"]["ok"] == 1
+    assert retried["dataset"]["images"] == 4 and retried["dataset"]["errors"] == 0
+    assert any("retrying 1 images" in m for m in messages)
+    assert not list((output / "tables" / "errors").glob("*.parquet"))
+    assert sorted(im["file_name"] for im in coco(output)["images"]) == ["late.jpg", "ok_0.jpg", "ok_1.jpg", "ok_2.jpg"]
