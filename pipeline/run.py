@@ -27,7 +27,8 @@ from pipeline.prepare import PrepareConfig
 from pipeline.previews import PREVIEWS_DIR, write_index
 from pipeline.remote import StorageConfig
 from pipeline.report import RunCounts, build_report, write_report
-from pipeline.shards import STAGE_SECONDS, ShardOutput, committed_count, forget_failures, remove_uncommitted
+from pipeline.shards import (STAGE_SECONDS, ShardOutput, committed_by_run, committed_count, forget_failures,
+                             remove_uncommitted)
 from pipeline.state import check_settings, clear_outputs, record_run
 from pipeline.storage import OutputStore
 
@@ -191,8 +192,12 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
              log_to_driver=False, include_dashboard=False)
     dataset = _plan(config, ShardOutput(store, categories, run_id, config.model, config.storage,
                                         config.postprocess.tasks))
-    finished = _drive(dataset.iter_batches(batch_size=None, batch_format="numpy"), counts, progress,
-                      config.max_error_ratio)
+    results = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    finished = _drive(results, counts, progress, config.max_error_ratio)
+    if not finished:
+        results.close()  # shuts the executor down: no shard starts after the stop
+    counts.ok, counts.error_types = committed_by_run(store, run_id)
+    counts.failed = sum(counts.error_types.values())
     if config.previews:
         write_index(store, store.find(PREVIEWS_DIR, ".jpg"))
     totals = write_panoptic_json(store, categories)

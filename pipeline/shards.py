@@ -17,11 +17,13 @@ import hashlib
 import io
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.decode import decode_image
@@ -187,6 +189,18 @@ def committed_count(store: OutputStore) -> int:
         for directory in (IMAGES_DIR, ERRORS_DIR) for name in store.list(directory, PART_SUFFIX)
         if name in committed
     )
+
+
+def committed_by_run(store: OutputStore, run_id: str) -> tuple[int, Counter]:
+    """What one run committed: its segmented images, and its failed ones by error type. Exact
+    where the driver's count of streamed results is not: shards in flight when a run stops
+    still commit after the driver's last result."""
+    images = sum(pc.sum(pc.equal(table.column("run_id"), run_id)).as_py() or 0
+                 for table in iter_committed(store, IMAGES_DIR, columns=["run_id"]))
+    errors: Counter = Counter()
+    for table in iter_committed(store, ERRORS_DIR, columns=["run_id", "error_type"]):
+        errors.update(table.filter(pc.equal(table.column("run_id"), run_id)).column("error_type").to_pylist())
+    return images, errors
 
 
 def committed_keys(store: OutputStore) -> set[str]:

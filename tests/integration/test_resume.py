@@ -188,3 +188,21 @@ def test_failed_images_are_redone_only_when_asked(ray_runtime, tmp_path, image_d
     assert any("retrying 1 images" in m for m in messages)
     assert not list((output / "tables" / "errors").glob("*.parquet"))
     assert sorted(im["file_name"] for im in coco(output)["images"]) == ["late.jpg", "ok_0.jpg", "ok_1.jpg", "ok_2.jpg"]
+
+
+def test_a_stop_for_too_many_errors_reports_what_was_committed(ray_runtime, tmp_path):
+    """Shards in flight at the stop still commit: the run's report counts them, from the tables."""
+    from pipeline.run import TooManyErrors
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(300):
+        (images / f"{i:04d}.jpg").write_bytes(b"not an image")
+    output = tmp_path / "out"
+    with pytest.raises(TooManyErrors, match="images failed"):
+        run(RunConfig(input=str(images), output=str(output), max_error_ratio=0.1,
+                      execution=ExecutionConfig(shard_size=4)), progress=lambda _: None)
+    report = json.loads((output / "report.json").read_text())
+    committed = sum(pq.read_metadata(p).num_rows for p in (output / "tables" / "errors").glob("*.parquet"))
+    assert 20 <= committed <= 300
+    assert report["run"]["failed"] == report["run"]["processed"] == report["dataset"]["errors"] == committed
