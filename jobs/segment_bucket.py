@@ -80,6 +80,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("expected 0 or a positive integer")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True,
@@ -120,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-error-ratio", type=_fraction, default=0.5,
                    help="stop (after committing what is done) once more than this share of images failed, "
                         "counted from the 20th image on (default: 0.5)")
-    p.add_argument("--previews", type=int, default=0, metavar="N",
+    p.add_argument("--previews", type=_count, default=0, metavar="N",
                    help="write overlays of the first N images and previews/index.html, a contact sheet")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing output first; needed to change model or parameters on it")

@@ -17,7 +17,8 @@ import fsspec
 from pipeline.remote import StorageConfig, file_system
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".pbm", ".pgm", ".ppm"}
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".pbm", ".pgm", ".ppm",
+     ".heic", ".heif", ".avif", ".jp2"}  # the last four: an error row where Pillow lacks the decoder, not silence
 )
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".txt")
 

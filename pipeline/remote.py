@@ -63,7 +63,8 @@ def storage_error_message(exc: BaseException) -> str | None:
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"}:
         return f"cannot reach the storage endpoint: {exc}"
     if "NoCredentialsError" in names:
-        return "no credentials found for s3:// (set AWS_* variables or a profile, or pass --anonymous)"
+        return ("no credentials found for s3:// (set AWS_* variables or a profile; --anonymous reads a public "
+                "input bucket, it cannot write an output)")
     code = getattr(exc, "response", {}).get("Error", {}).get("Code", "") if "ClientError" in names else ""
     if code == "NoSuchBucket":
         return f"bucket does not exist: {exc}"

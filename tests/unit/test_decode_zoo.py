@@ -87,3 +87,10 @@ def test_decompression_bomb_is_refused_before_decoding():
     with pytest.raises(ImageFailure) as info:
         decode_image(bomb_png(), max_pixels=100_000_000)
     assert info.value.error_type == "TooManyPixels"
+
+
+def test_the_pixel_limit_is_ours_not_pillows():
+    """Pillow warns from 89.5 M pixels: the documented limit (100 M by default) decides instead."""
+    with pytest.raises(ImageFailure) as info:
+        decode_image(bomb_png(9747, 9747), max_pixels=95_000_000)  # 95.0 M pixels
+    assert info.value.error_type == "TooManyPixels" and "limit of 95000000 pixels" in info.value.message
