@@ -27,8 +27,8 @@ from pipeline.prepare import PrepareConfig
 from pipeline.previews import PREVIEWS_DIR, write_index
 from pipeline.remote import StorageConfig
 from pipeline.report import RunCounts, build_report, write_report
-from pipeline.shards import (STAGE_SECONDS, ShardOutput, committed_by_run, committed_count, forget_failures,
-                             remove_uncommitted)
+from pipeline.shards import (STAGE_SECONDS, ShardOutput, committed_by_run, committed_count, committed_parts,
+                             forget_failures, remove_uncommitted)
 from pipeline.state import check_settings, clear_outputs, record_run
 from pipeline.storage import OutputStore
 
@@ -178,7 +178,7 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     if config.overwrite:
         clear_outputs(store)
     settings = _settings(config, model_dir, categories)
-    check_settings(store, settings)
+    check_settings(store, settings, committed=bool(committed_parts(store)))
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
     remove_uncommitted(store)

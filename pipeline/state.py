@@ -22,16 +22,36 @@ class SettingsMismatch(ValueError):
     """The output was made with other settings; the message says which differ."""
 
 
-def check_settings(store: OutputStore, fingerprint: dict) -> None:
-    """Record `fingerprint` on a new output; refuse one that differs from the recorded one."""
-    if not store.exists(SETTINGS):
+def _differences(recorded: dict, now: dict, prefix: str = "") -> list[str]:
+    """'name: recorded -> now' for each setting that differs, nested ones by their full name."""
+    lines = []
+    for name in sorted(set(recorded) | set(now)):
+        old, new = recorded.get(name), now.get(name)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += _differences(old, new, f"{prefix}{name}.")
+        elif isinstance(old, list) and len(json.dumps(old)) > 80:  # e.g. the label map's categories
+            lines.append(f"{prefix}{name} differ")
+        else:
+            lines.append(f"{prefix}{name}: {json.dumps(old)} -> {json.dumps(new)}")
+    return lines
+
+
+def check_settings(store: OutputStore, fingerprint: dict, committed: bool) -> None:
+    """Record `fingerprint` on an output that holds no results yet; on one that does, refuse a
+    fingerprint that differs from the recorded one. The same weights under another name (a
+    local copy of a hub checkpoint, say) are the same model."""
+    recorded = json.loads(store.read_bytes(SETTINGS)) if committed and store.exists(SETTINGS) else None
+    if recorded is None:
         store.write_bytes(SETTINGS, json.dumps(fingerprint, indent=2, sort_keys=True).encode())
         return
-    recorded = json.loads(store.read_bytes(SETTINGS))
-    changed = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
+    if recorded.get("model_digest") == fingerprint.get("model_digest"):
+        recorded = recorded | {"model": fingerprint.get("model")}
+    changed = _differences(recorded, fingerprint)
     if changed:
         raise SettingsMismatch(
-            f"{store.root} was made with other settings ({', '.join(changed)} differ); mixing them would give "
+            f"{store.root} was made with other settings ({'; '.join(changed)}); mixing them would give "
             "an inconsistent dataset. Use another --output, or pass --overwrite to delete it and start again."
         )
 

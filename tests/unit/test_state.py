@@ -1,0 +1,35 @@
+import pytest
+
+from pipeline.state import SettingsMismatch, check_settings
+from pipeline.storage import OutputStore
+
+SETTINGS = {"model": "facebook/maskformer-swin-base-coco", "model_digest": "abc", "dtype": "auto",
+            "postprocess": {"threshold": 0.8, "tasks": ["panoptic"]}}
+
+
+def test_a_mismatch_names_each_setting_and_both_values(tmp_path):
+    store = OutputStore(str(tmp_path))
+    check_settings(store, SETTINGS, committed=False)
+    changed = SETTINGS | {"postprocess": {"threshold": 0.8, "tasks": ["panoptic", "semantic"]}, "dtype": "float16"}
+    with pytest.raises(SettingsMismatch) as info:
+        check_settings(store, changed, committed=True)
+    assert 'dtype: "auto" -> "float16"' in str(info.value)
+    assert 'postprocess.tasks: ["panoptic"] -> ["panoptic", "semantic"]' in str(info.value)
+    assert "threshold" not in str(info.value)
+
+
+def test_the_same_weights_under_another_name_are_the_same_model(tmp_path):
+    store = OutputStore(str(tmp_path))
+    check_settings(store, SETTINGS, committed=False)
+    check_settings(store, SETTINGS | {"model": "/models/maskformer-swin-base-coco"}, committed=True)
+    with pytest.raises(SettingsMismatch, match="model_digest"):
+        check_settings(store, SETTINGS | {"model": "/models/other", "model_digest": "def"}, committed=True)
+
+
+def test_settings_of_a_run_that_committed_nothing_do_not_bind(tmp_path):
+    """A first run stopped before its first shard (Ctrl-C, a bad checkpoint) leaves no results to mix with."""
+    store = OutputStore(str(tmp_path))
+    check_settings(store, SETTINGS, committed=False)
+    check_settings(store, SETTINGS | {"dtype": "float32"}, committed=False)
+    with pytest.raises(SettingsMismatch, match="float32"):
+        check_settings(store, SETTINGS, committed=True)
