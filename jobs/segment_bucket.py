@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(parse_args(argv))
     try:
         run(config)
+    except KeyboardInterrupt:
+        print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
     except Exception as exc:
         message = user_error_message(exc)
         if message is None:

@@ -192,8 +192,14 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
              log_to_driver=False, include_dashboard=False)
     dataset = _plan(config, ShardOutput(store, categories, run_id, config.model, config.storage,
                                         config.postprocess.tasks))
+    record = {"run_id": run_id, "started": started_at, "input": config.input,
+              "execution": asdict(config.execution), **settings}
     results = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
-    finished = _drive(results, counts, progress, config.max_error_ratio)
+    try:
+        finished = _drive(results, counts, progress, config.max_error_ratio)
+    except KeyboardInterrupt:  # the history keeps the run; its committed shards stay for a rerun
+        record_run(store, record | {"interrupted": _utc(), "counts": {"ok": counts.ok, "failed": counts.failed}})
+        raise
     if not finished:
         results.close()  # shuts the executor down: no shard starts after the stop
     counts.ok, counts.error_types = committed_by_run(store, run_id)
@@ -204,8 +210,6 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     if "instance" in config.postprocess.tasks:
         write_instances_json(store, categories)
     counts.wall_seconds = time.monotonic() - started
-    record = {"run_id": run_id, "started": started_at, "input": config.input,
-              "execution": asdict(config.execution), **settings}
     report = build_report(counts, totals, store, categories, record)
     write_report(store, report)
     record_run(store, record | {"finished": _utc(), "counts": report["run"]})

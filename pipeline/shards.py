@@ -154,11 +154,15 @@ def committed_parts(store: OutputStore) -> list[str]:
 
 
 def remove_uncommitted(store: OutputStore) -> int:
-    """Delete errors parts of shards that never committed; returns how many."""
+    """Delete errors parts of shards that never committed, and parts a kill cut off half-written;
+    returns how many errors parts."""
     committed = set(committed_parts(store))
     orphans = [n for n in store.list(ERRORS_DIR, PART_SUFFIX) if n not in committed]
     for name in orphans:
         store.delete(f"{ERRORS_DIR}/{name}")
+    for directory in (IMAGES_DIR, ERRORS_DIR):
+        for name in store.temporaries(directory):
+            store.delete(f"{directory}/{name}")
     return len(orphans)
 
 

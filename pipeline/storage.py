@@ -103,6 +103,15 @@ class OutputStore:
         names = [posixpath.basename(n.rstrip("/")) for n in names]
         return sorted(n for n in names if n.endswith(suffix) and not n.endswith(".tmp"))
 
+    def temporaries(self, relative_dir: str) -> list[str]:
+        """Names of the temporary files a local write cut off by a kill left directly in `relative_dir`."""
+        if not self.is_local:
+            return []  # object stores write whole objects: nothing is left half-written
+        try:
+            return sorted(n for n in os.listdir(self.path(relative_dir)) if n.endswith(".tmp"))
+        except FileNotFoundError:
+            return []
+
     def find(self, relative_dir: str, suffix: str = "") -> list[str]:
         """Paths (relative to `relative_dir`, sub-folders included) of the files under it, sorted."""
         fs, directory = self.fs, self.path(relative_dir)

@@ -206,3 +206,29 @@ def test_a_stop_for_too_many_errors_reports_what_was_committed(ray_runtime, tmp_
     committed = sum(pq.read_metadata(p).num_rows for p in (output / "tables" / "errors").glob("*.parquet"))
     assert 20 <= committed <= 300
     assert report["run"]["failed"] == report["run"]["processed"] == report["dataset"]["errors"] == committed
+
+
+def test_ctrl_c_prints_one_line_keeps_the_run_in_the_history_and_resumes(scenes, tmp_path):
+    images, output = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for path in sorted(scenes.iterdir())[:120]:
+        (images / path.name).symlink_to(path)
+    process = subprocess.Popen(
+        [sys.executable, str(JOB), "--input", str(images), "--output", str(output), "--batch-size", "1",
+         "--shard-size", "8"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline and committed_rows(output) == 0:
+        time.sleep(0.2)
+    assert process.poll() is None, "the job ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole process group
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "interrupted: committed shards are kept" in stderr
+    (record,) = [json.loads(p.read_text()) for p in (output / "_state" / "runs").glob("*.json")]
+    assert record["interrupted"] and "finished" not in record
+    assert 0 < committed_rows(output) < 120
+    assert start_job(images, output).wait(timeout=900) == 0
+    assert len(images_table(output)) == 120 and len(list((output / "_state" / "runs").glob("*.json"))) == 2

@@ -49,10 +49,11 @@ def test_errors_part_without_commit_record_is_ignored_and_removed(tmp_path):
     store = OutputStore(str(tmp_path))
     write_shard(_batch(["bad.jpg"], errors={"bad.jpg"}), ShardOutput(store, CATEGORIES, "r", "m"))
     (images_part,) = (tmp_path / "tables/images").iterdir()
-    images_part.unlink()  # as if killed between the errors part and the commit record
+    # as if killed between the errors part and the commit record, while writing the latter
+    images_part.rename(images_part.with_name(images_part.name + ".1f2e3d.tmp"))
     assert committed_keys(store) == set()
     assert remove_uncommitted(store) == 1
-    assert not list((tmp_path / "tables/errors").iterdir())
+    assert not list((tmp_path / "tables/errors").iterdir()) and not list((tmp_path / "tables/images").iterdir())
 
 
 def test_coco_rebuild(tmp_path):
