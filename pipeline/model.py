@@ -99,7 +99,21 @@ def local_dir(source: ModelSource) -> Path:
             f"model {source.uri!r} has no safetensors weights"
             + (" (only pickle .bin files, which are refused: convert them to safetensors)" if pickled else "")
         )
+    _check_weights(source.uri, directory)
     return directory
+
+
+def _check_weights(uri: str, directory: Path) -> None:
+    """Read each weights file's header here, so that a truncated or corrupt file is one clear
+    error before the run starts, not an inference actor dying in a loop."""
+    from safetensors import SafetensorError, safe_open
+
+    for weights in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"model {uri!r}: {weights.name} is not a readable safetensors file ({exc})") from exc
 
 
 def weights_digest(directory: Path) -> str:

@@ -55,3 +55,13 @@ def test_missing_and_unknown_models_are_clear_errors(tmp_path):
         local_dir(ModelSource(str(tmp_path / "missing")))
     with pytest.raises(ModelError, match="hub"):
         local_dir(ModelSource("no-such-org/no-such-model-xyz"))
+
+
+def test_truncated_weights_are_a_clear_error_before_the_run(untrained_model, tmp_path):
+    directory = tmp_path / "truncated"
+    directory.mkdir()
+    (directory / "config.json").write_text((untrained_model / "config.json").read_text())
+    (weights,) = untrained_model.glob("*.safetensors")
+    (directory / weights.name).write_bytes(weights.read_bytes()[:100_000])  # a copy cut short
+    with pytest.raises(ModelError, match="not a readable safetensors file"):
+        local_dir(ModelSource(str(directory)))
