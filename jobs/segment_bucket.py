@@ -24,9 +24,9 @@ from pipeline.listing import InputError  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
 from pipeline.state import SettingsMismatch  # noqa: E402
 from pipeline.remote import StorageConfig, redact, storage_error_message  # noqa: E402
-from pipeline.run import ExecutionConfig, RunConfig, TooManyErrors, run  # noqa: E402
+from pipeline.run import ClusterTooSmall, ExecutionConfig, RunConfig, TooManyErrors, run  # noqa: E402
 
-USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, TooManyErrors)
+USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, TooManyErrors, ClusterTooSmall)
 
 
 def user_error_message(exc: Exception) -> str | None:

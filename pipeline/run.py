@@ -39,6 +39,7 @@ PREDICTOR_CPUS = 1.0
 # takes to list, and on a small node decoding could not start until listing ended.
 LISTING_CPUS = 0.25
 MAX_BLOCK_BYTES = 16 << 20  # about 17 decoded 640x480 images
+WRITE_CPUS = 0.5
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,29 @@ class PendingDatasource(Datasource):
         return [ReadTask(lambda: pending_blocks(config), metadata)]
 
 
-def _plan(config: RunConfig, out: ShardOutput) -> ray.data.Dataset:
+class ClusterTooSmall(ValueError):
+    """The inference actors asked for leave no room for listing, decoding and writing."""
+
+
+def _check_room(execution: ExecutionConfig, on_gpu: bool, can_grow: bool, progress: Callable[[str], None]) -> None:
+    """Refuse (on a local runtime) or warn (on a cluster, which may grow) when the minimum of
+    inference actors and one task of every other stage do not fit: Ray would wait forever."""
+    low = execution.concurrency[0]
+    need = {"CPU": low * PREDICTOR_CPUS + LISTING_CPUS + max(execution.prepare_cpus, WRITE_CPUS)}
+    if on_gpu:
+        need["GPU"] = low
+    have = ray.cluster_resources()
+    short = [f"{need[r]:g} {r}s, the cluster has {have.get(r, 0):g}" for r in need if need[r] > have.get(r, 0)]
+    if not short:
+        return
+    message = (f"--concurrency {low} needs {'; '.join(short)} (each inference actor takes {PREDICTOR_CPUS:g} CPU"
+               f"{' and a GPU' if on_gpu else ''}; listing, decoding and writing need the rest)")
+    if not can_grow:
+        raise ClusterTooSmall(f"{message}: lower --concurrency")
+    progress(f"warning: {message}; the run waits until the cluster grows")
+
+
+def _plan(config: RunConfig, out: ShardOutput, progress: Callable[[str], None]) -> ray.data.Dataset:
     import torch
 
     from pipeline.predictor import InferenceConfig, Predictor
@@ -97,6 +120,7 @@ def _plan(config: RunConfig, out: ShardOutput) -> ray.data.Dataset:
     execution = config.execution
     low, high = execution.concurrency
     on_gpu = torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU"))
+    _check_room(execution, on_gpu, can_grow="RAY_ADDRESS" in os.environ, progress=progress)
     pending = PendingConfig(config.input, out.store, config.storage, config.limit, config.previews)
     prepare = PrepareConfig(storage=config.storage)
     inference = InferenceConfig(model=config.model, dtype=config.dtype, postprocess=config.postprocess,
@@ -121,7 +145,7 @@ def _plan(config: RunConfig, out: ShardOutput) -> ray.data.Dataset:
         .map_batches(Predictor, fn_constructor_kwargs={"config": inference}, batch_size=execution.batch_size,
                      compute=ActorPoolStrategy(min_size=low, max_size=high),
                      num_gpus=1 if on_gpu else 0, num_cpus=PREDICTOR_CPUS)
-        .map_batches(write_shard, fn_kwargs={"out": out}, batch_size=execution.shard_size, num_cpus=0.5)
+        .map_batches(write_shard, fn_kwargs={"out": out}, batch_size=execution.shard_size, num_cpus=WRITE_CPUS)
     )
 
 
@@ -191,7 +215,7 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     ray.init(address=None if "RAY_ADDRESS" in os.environ else "local", ignore_reinit_error=True,
              log_to_driver=False, include_dashboard=False)
     dataset = _plan(config, ShardOutput(store, categories, run_id, config.model, config.storage,
-                                        config.postprocess.tasks))
+                                        config.postprocess.tasks), progress)
     record = {"run_id": run_id, "started": started_at, "input": config.input,
               "execution": asdict(config.execution), **settings}
     results = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))

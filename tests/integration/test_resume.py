@@ -232,3 +232,12 @@ def test_ctrl_c_prints_one_line_keeps_the_run_in_the_history_and_resumes(scenes,
     assert 0 < committed_rows(output) < 120
     assert start_job(images, output).wait(timeout=900) == 0
     assert len(images_table(output)) == 120 and len(list((output / "_state" / "runs").glob("*.json"))) == 2
+
+
+def test_more_inference_actors_than_the_machine_holds_is_refused(ray_runtime, tmp_path, image_dir):
+    """Two actors of one CPU each on two CPUs leave listing no room: Ray would wait forever."""
+    from pipeline.run import ClusterTooSmall
+
+    with pytest.raises(ClusterTooSmall, match="--concurrency 2 needs 2.75 CPUs, the cluster has 2"):
+        run(RunConfig(input=str(image_dir), output=str(tmp_path / "out"),
+                      execution=ExecutionConfig(concurrency=(2, 2))), progress=lambda _: None)
