@@ -8,6 +8,7 @@ remote code.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -45,17 +46,24 @@ def _cache_root() -> Path:
 
 
 def _copy_remote_dir(uri: str, storage: StorageConfig) -> Path:
-    """Copy a remote checkpoint directory into the node's cache once; atomic by rename."""
-    target = _cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if target.is_dir():
-        return target
+    """Copy a remote checkpoint directory into the node's cache once per version of its files;
+    atomic by rename."""
     fs, root = file_system(uri, storage)
+    fs.invalidate_cache(root)  # fsspec keeps listings per file-system instance: this one is current
     try:
-        names = [p for p in fs.ls(root, detail=False) if p.endswith((".json", ".safetensors", ".bin"))]
+        files = [f for f in fs.ls(root, detail=True) if f["name"].endswith((".json", ".safetensors", ".bin"))]
     except FileNotFoundError as exc:
         raise ModelError(f"model directory {uri} does not exist") from exc
-    if not names:
+    if not files:
         raise ModelError(f"model directory {uri} holds no checkpoint files")
+    # keyed by the files' names, sizes and ETags too: new weights uploaded to the same URI are
+    # copied again, not served stale from the cache
+    version = sorted((f["name"], f.get("size"), str(f.get("ETag") or f.get("LastModified") or f.get("mtime")))
+                     for f in files)
+    target = _cache_root() / hashlib.sha256(json.dumps([uri, version]).encode()).hexdigest()[:16]
+    if target.is_dir():
+        return target
+    names = [name for name, _, _ in version]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
     for name in names:

@@ -144,3 +144,32 @@ def test_s3_atomic_write_publishes_nothing_when_the_writer_fails(s3_server, monk
     with store.open_atomic("coco/panoptic.json") as f:
         f.write(b"y" * size)
     assert fs.cat(f"{bucket}/run/coco/panoptic.json") == b"y" * size
+
+
+def test_new_weights_at_the_same_s3_uri_are_copied_again(s3_server, monkeypatch, tmp_path, untrained_model):
+    """A scheduled job's model directory updated in place: the cache must not serve the old weights."""
+    from pipeline.model import ModelSource, local_dir, weights_digest
+    from pipeline.remote import StorageConfig
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, s3_server.env()[name])
+    monkeypatch.setenv("PANOPTIC_MODEL_CACHE", str(tmp_path / "cache"))
+    fs = s3_server.filesystem()
+    fs.mkdir("updated")
+    fs.put(str(untrained_model / "config.json"), "updated/m/config.json")
+    (weights,) = untrained_model.glob("*.safetensors")
+    fs.put(str(weights), f"updated/m/{weights.name}")
+    source = ModelSource("s3://updated/m", StorageConfig(endpoint_url=s3_server.endpoint))
+    first = local_dir(source)
+    local_dir.cache_clear()  # a later run: a new process
+    assert local_dir(source) == first
+    retrained = tmp_path / "retrained.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    save_file({name: tensor + 1 if tensor.is_floating_point() else tensor for name, tensor in tensors.items()},
+              str(retrained))
+    fs.put(str(retrained), f"updated/m/{weights.name}")
+    local_dir.cache_clear()
+    second = local_dir(source)
+    assert second != first and weights_digest(second) != weights_digest(first)
