@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import posixpath
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -114,6 +115,15 @@ def _manifest_key(uri: str) -> str:
     return safe_key(rest.lstrip("/"))
 
 
+def _resolved(uri: str, folder: str, protocol: str) -> str:
+    """A manifest entry as a URI every worker can read: a relative path is relative to the
+    manifest's folder (on the manifest's file system), not to a worker's working directory."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    path = posixpath.normpath(f"{folder}/{uri}")
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
 def _inside(output: str, storage: StorageConfig, fs: fsspec.AbstractFileSystem, root: str) -> str | None:
     """The output's path plus "/" when the output lies inside the input folder `root` of `fs`."""
     out_fs, out_root = file_system(output, storage, write=True)
@@ -130,8 +140,9 @@ def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig(),
         fs, root = file_system(input_uri, storage)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         if root.lower().endswith(MANIFEST_EXTENSIONS) and fs.isfile(root):
+            folder = root.rsplit("/", 1)[0]
             for uri in _manifest_uris(fs, root):
-                yield _manifest_key(uri), uri
+                yield _manifest_key(uri), _resolved(uri, folder, protocol)
             return
         if _is_image(root) and fs.isfile(root):  # a single image
             yield safe_key(root.rsplit("/", 1)[-1]), input_uri

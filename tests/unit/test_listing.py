@@ -63,8 +63,9 @@ def test_csv_manifests_with_and_without_header(tmp_path):
     (tmp_path / "other.csv").write_text("path\n" + "\n".join(urls) + "\n")
     (tmp_path / "LIST.CSV").write_text("uri,label\n" + "\n".join(f"{u},cat" for u in urls) + "\n")
     pq.write_table(pa.table({"uri": urls}), tmp_path / "LIST.PARQUET")
+    expected = urls[:2] + [str(tmp_path / "images" / "3.jpg")]  # relative to the manifest
     for name in ("bare.csv", "named.csv", "other.csv", "LIST.CSV", "LIST.PARQUET"):
-        assert [uri for _, uri in iter_inputs(str(tmp_path / name))] == urls, name
+        assert [uri for _, uri in iter_inputs(str(tmp_path / name))] == expected, name
 
 
 def test_manifest_keys_keep_what_names_the_object():
@@ -97,3 +98,13 @@ def test_a_single_image_is_an_input_and_names_with_double_colons_are_read(tmp_pa
     odd.write_bytes((image_dir / "img_0.jpg").read_bytes())
     assert list(iter_inputs(str(odd))) == [("a::b.jpg", str(odd))]
     assert read_bytes(str(odd), StorageConfig()) == odd.read_bytes()
+
+
+def test_relative_manifest_entries_are_relative_to_the_manifest(tmp_path, image_dir, monkeypatch):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "list.txt").write_text(f"../{image_dir.name}/img_0.jpg\n")
+    (tmp_path / image_dir.name).symlink_to(image_dir)
+    monkeypatch.chdir(image_dir)  # a worker's working directory has nothing to do with the manifest
+    ((key, uri),) = iter_inputs(str(tmp_path / "lists" / "list.txt"))
+    assert uri == str(tmp_path / image_dir.name / "img_0.jpg") and Path(uri).read_bytes()
+    assert key == f"%2E%2E/{image_dir.name}/img_0.jpg"
