@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import posixpath
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -70,12 +71,27 @@ def _list_folder(fs: fsspec.AbstractFileSystem, root: str, protocol: str, skip: 
             if _is_image(path) and not skipped(path):
                 yield safe_key(path[len(root) + 1:]), f"s3://{path}"
         return
-    for directory, _, files in fs.walk(root):
+    walk = _local_walk(root) if protocol in ("file", "local") else fs.walk(root)
+    for directory, _, files in walk:
         for name in sorted(files):
             path = f"{directory.rstrip('/')}/{name}"
             if _is_image(path) and not skipped(path):
                 uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
                 yield safe_key(path[len(root) + 1:]), uri
+
+
+def _local_walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk` that follows symlinked folders (a dataset assembled from links is common), each
+    real folder once, so a link cycle ends; folders in name order, so listings are stable."""
+    visited: set[str] = set()
+    for directory, folders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited:
+            folders[:] = []
+            continue
+        visited.add(real)
+        folders.sort()
+        yield directory, folders, files
 
 
 def _manifest_uris(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:

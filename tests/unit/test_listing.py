@@ -108,3 +108,14 @@ def test_relative_manifest_entries_are_relative_to_the_manifest(tmp_path, image_
     ((key, uri),) = iter_inputs(str(tmp_path / "lists" / "list.txt"))
     assert uri == str(tmp_path / image_dir.name / "img_0.jpg") and Path(uri).read_bytes()
     assert key == f"%2E%2E/{image_dir.name}/img_0.jpg"
+
+
+def test_symlinked_folders_are_followed_once(tmp_path, image_dir):
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "linked").symlink_to(image_dir)
+    (root / "linked_again").symlink_to(image_dir)  # the same folder under a second name: listed once
+    (root / "loop").symlink_to(root)  # a cycle ends
+    keys = [key for key, _ in iter_inputs(str(root))]
+    assert "linked/img_0.jpg" in keys and "linked/sub dir/img_5.png" in keys
+    assert len(keys) == len(set(keys)) == len([k for k in keys if k.startswith("linked/")])
