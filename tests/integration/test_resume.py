@@ -211,10 +211,11 @@ def test_a_stop_for_too_many_errors_reports_what_was_committed(ray_runtime, tmp_
 def test_ctrl_c_prints_one_line_keeps_the_run_in_the_history_and_resumes(scenes, tmp_path):
     images, output = tmp_path / "images", tmp_path / "out"
     images.mkdir()
-    for path in sorted(scenes.iterdir())[:48]:
+    for path in sorted(scenes.iterdir())[:120]:
         (images / path.name).symlink_to(path)
     process = subprocess.Popen(
-        [sys.executable, str(JOB), "--input", str(images), "--output", str(output), "--shard-size", "4"],
+        [sys.executable, str(JOB), "--input", str(images), "--output", str(output), "--batch-size", "1",
+         "--shard-size", "8"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
@@ -228,9 +229,9 @@ def test_ctrl_c_prints_one_line_keeps_the_run_in_the_history_and_resumes(scenes,
     assert "Traceback" not in stderr and "interrupted: committed shards are kept" in stderr
     (record,) = [json.loads(p.read_text()) for p in (output / "_state" / "runs").glob("*.json")]
     assert record["interrupted"] and "finished" not in record
-    assert 0 < committed_rows(output) < 48
+    assert 0 < committed_rows(output) < 120
     assert start_job(images, output).wait(timeout=900) == 0
-    assert len(images_table(output)) == 48 and len(list((output / "_state" / "runs").glob("*.json"))) == 2
+    assert len(images_table(output)) == 120 and len(list((output / "_state" / "runs").glob("*.json"))) == 2
 
 
 def test_more_inference_actors_than_the_machine_holds_is_refused(ray_runtime, tmp_path, image_dir):
