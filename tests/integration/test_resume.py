@@ -218,6 +218,9 @@ def test_ctrl_c_prints_one_line_keeps_the_run_in_the_history_and_resumes(scenes,
          "--shard-size", "8"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        # as from a terminal: a shell's background job (e.g. CI under nohup) ignores SIGINT, and
+        # children inherit that, so Python would never see the Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline and committed_rows(output) == 0:
