@@ -36,6 +36,7 @@ class DatasetTotals:
     """What the rebuild saw across all committed shards."""
 
     images: int = 0
+    images_by_run: Counter = field(default_factory=Counter)  # run_id -> images it committed
     segments: Counter = field(default_factory=Counter)  # category_id -> segment count
     pixels: Counter = field(default_factory=Counter)  # category_id -> total area
 
@@ -76,8 +77,9 @@ def _unique_rows(store: OutputStore, columns: list[str]):
 
 def _images(store: OutputStore, totals: DatasetTotals):
     """COCO `images` entries of every committed image."""
-    for row in _unique_rows(store, ["width", "height"]):
+    for row in _unique_rows(store, ["width", "height", "run_id"]):
         totals.images += 1
+        totals.images_by_run[row["run_id"]] += 1
         yield {"id": image_id(row["key"]), "file_name": row["key"], "width": row["width"], "height": row["height"]}
 
 

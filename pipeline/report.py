@@ -9,7 +9,6 @@ from typing import Sequence
 
 from pipeline.coco import DatasetTotals
 from pipeline.labels import Category
-from pipeline.shards import ERRORS_DIR, iter_committed
 from pipeline.storage import OutputStore
 
 REPORT_JSON = "report.json"
@@ -17,7 +16,8 @@ REPORT_JSON = "report.json"
 
 @dataclass
 class RunCounts:
-    """Counted by the driver as shard results stream in."""
+    """Counted by the driver as shard results stream in; at the end `ok`, `failed` and
+    `error_types` are set from what the run committed."""
 
     committed_before: int = 0  # images (segmented or failed) committed by earlier runs
     ok: int = 0
@@ -35,17 +35,13 @@ class RunCounts:
         return self.processed / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
 
-def _dataset_errors(store: OutputStore) -> Counter:
-    errors: Counter = Counter()
-    for table in iter_committed(store, ERRORS_DIR, columns=["error_type"]):
-        errors.update(table.column("error_type").to_pylist())
-    return errors
-
-
-def build_report(run: RunCounts, totals: DatasetTotals, store: OutputStore, categories: Sequence[Category],
+def build_report(run: RunCounts, totals: DatasetTotals, errors: Counter, categories: Sequence[Category],
                  settings: dict) -> dict:
+    """`errors`: (run_id, error_type) -> committed failed images, as `committed_errors` counts them."""
     names = {c.id: c.name for c in categories}
-    errors = _dataset_errors(store)
+    error_types: Counter = Counter()
+    for (_, error_type), n in errors.items():
+        error_types[error_type] += n
     return {
         "run": {
             "run_id": settings["run_id"],
@@ -56,8 +52,8 @@ def build_report(run: RunCounts, totals: DatasetTotals, store: OutputStore, cate
             "stage_seconds": {k.removeprefix("seconds_"): round(v, 3) for k, v in run.stage_seconds.items()},
         },
         "dataset": {
-            "images": totals.images, "errors": sum(errors.values()),
-            "error_types": dict(errors.most_common()),
+            "images": totals.images, "errors": sum(error_types.values()),
+            "error_types": dict(error_types.most_common()),
             "segments_per_category": {names.get(k, str(k)): v for k, v in sorted(totals.segments.items())},
             "pixels_per_category": {names.get(k, str(k)): v for k, v in sorted(totals.pixels.items())},
         },

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -27,7 +28,7 @@ from pipeline.prepare import PrepareConfig
 from pipeline.previews import PREVIEWS_DIR, write_index
 from pipeline.remote import StorageConfig
 from pipeline.report import RunCounts, build_report, write_report
-from pipeline.shards import (STAGE_SECONDS, ShardOutput, committed_by_run, committed_count, committed_parts,
+from pipeline.shards import (STAGE_SECONDS, ShardOutput, committed_count, committed_errors, committed_parts,
                              forget_failures, remove_uncommitted)
 from pipeline.state import check_settings, clear_outputs, record_run
 from pipeline.storage import OutputStore
@@ -226,15 +227,18 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
         raise
     if not finished:
         results.close()  # shuts the executor down: no shard starts after the stop
-    counts.ok, counts.error_types = committed_by_run(store, run_id)
-    counts.failed = sum(counts.error_types.values())
     if config.previews:
         write_index(store, store.find(PREVIEWS_DIR, ".jpg"))
-    totals = write_panoptic_json(store, categories)
+    totals, errors = write_panoptic_json(store, categories), committed_errors(store)
     if "instance" in config.postprocess.tasks:
         write_instances_json(store, categories)
+    # From what the run committed, not from the driver's count of streamed results: shards in
+    # flight when a run stops still commit after the driver's last result.
+    counts.ok = totals.images_by_run[run_id]
+    counts.error_types = Counter({kind: n for (run, kind), n in errors.items() if run == run_id})
+    counts.failed = sum(counts.error_types.values())
     counts.wall_seconds = time.monotonic() - started
-    report = build_report(counts, totals, store, categories, record)
+    report = build_report(counts, totals, errors, categories, record)
     write_report(store, report)
     record_run(store, record | {"finished": _utc(), "counts": report["run"]})
     if not finished:

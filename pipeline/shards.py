@@ -23,7 +23,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.decode import decode_image
@@ -166,12 +165,22 @@ def remove_uncommitted(store: OutputStore) -> int:
     return len(orphans)
 
 
+def _rows(store: OutputStore, parts: Sequence[str]) -> int:
+    """How many rows the parts hold, from their footers alone."""
+    return sum(pq.read_metadata(io.BytesIO(store.read_bytes(part))).num_rows for part in parts)
+
+
+def _committed(store: OutputStore, directory: str) -> list[str]:
+    """Paths of the committed parts of `directory` (IMAGES_DIR or ERRORS_DIR)."""
+    committed = set(committed_parts(store))
+    return [f"{directory}/{name}" for name in store.list(directory, PART_SUFFIX) if name in committed]
+
+
 def forget_failures(store: OutputStore) -> int:
     """Delete every committed errors part, so that the failed images are pending again (their
     shards' segmented images stay committed); returns how many images failed."""
-    committed = set(committed_parts(store))
-    parts = [f"{ERRORS_DIR}/{name}" for name in store.list(ERRORS_DIR, PART_SUFFIX) if name in committed]
-    failed = sum(pq.read_metadata(io.BytesIO(store.read_bytes(part))).num_rows for part in parts)
+    parts = _committed(store, ERRORS_DIR)
+    failed = _rows(store, parts)
     for part in parts:
         store.delete(part)
     return failed
@@ -179,32 +188,21 @@ def forget_failures(store: OutputStore) -> int:
 
 def iter_committed(store: OutputStore, directory: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
     """Each committed part of `directory` (IMAGES_DIR or ERRORS_DIR) as a table."""
-    committed = set(committed_parts(store))
-    for name in store.list(directory, PART_SUFFIX):
-        if name in committed:
-            yield pq.read_table(io.BytesIO(store.read_bytes(f"{directory}/{name}")), columns=columns)
+    for part in _committed(store, directory):
+        yield pq.read_table(io.BytesIO(store.read_bytes(part)), columns=columns)
 
 
 def committed_count(store: OutputStore) -> int:
-    """How many images (segmented or failed) are committed, from the parts' footers alone."""
-    committed = set(committed_parts(store))
-    return sum(
-        pq.read_metadata(io.BytesIO(store.read_bytes(f"{directory}/{name}"))).num_rows
-        for directory in (IMAGES_DIR, ERRORS_DIR) for name in store.list(directory, PART_SUFFIX)
-        if name in committed
-    )
+    """How many images (segmented or failed) are committed."""
+    return _rows(store, _committed(store, IMAGES_DIR) + _committed(store, ERRORS_DIR))
 
 
-def committed_by_run(store: OutputStore, run_id: str) -> tuple[int, Counter]:
-    """What one run committed: its segmented images, and its failed ones by error type. Exact
-    where the driver's count of streamed results is not: shards in flight when a run stops
-    still commit after the driver's last result."""
-    images = sum(pc.sum(pc.equal(table.column("run_id"), run_id)).as_py() or 0
-                 for table in iter_committed(store, IMAGES_DIR, columns=["run_id"]))
+def committed_errors(store: OutputStore) -> Counter:
+    """(run_id, error_type) -> how many committed images failed so."""
     errors: Counter = Counter()
     for table in iter_committed(store, ERRORS_DIR, columns=["run_id", "error_type"]):
-        errors.update(table.filter(pc.equal(table.column("run_id"), run_id)).column("error_type").to_pylist())
-    return images, errors
+        errors.update(zip(table.column("run_id").to_pylist(), table.column("error_type").to_pylist()))
+    return errors
 
 
 def committed_keys(store: OutputStore) -> set[str]:
