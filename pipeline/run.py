@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import ray
@@ -20,7 +21,8 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.coco import write_instances_json, write_panoptic_json
 from pipeline.config import PostprocessConfig
-from pipeline.labels import load_categories
+from pipeline.labels import Category, load_categories
+from pipeline.lease import hold_lease
 from pipeline.listing import InputError, iter_inputs
 from pipeline.model import BUNDLED, ModelSource, load_config, local_dir, weights_digest
 from pipeline.pending import BLOCK_ROWS, PendingConfig, pending_blocks
@@ -200,12 +202,18 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
                                  config.storage.options(config.label_map or ""))
     if next(iter_inputs(config.input, config.storage, config.output), None) is None:
         raise InputError(f"no images found under {config.input}")
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    with hold_lease(store, run_id, started_at):
+        return _segment(config, store, model_dir, categories, run_id, started, started_at, progress)
+
+
+def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories: tuple[Category, ...], run_id: str,
+             started: float, started_at: str, progress: Callable[[str], None]) -> dict:
+    """The run proper, on an output it alone writes to."""
     if config.overwrite:
         clear_outputs(store)
     settings = _settings(config, model_dir, categories)
     check_settings(store, settings, committed=bool(committed_parts(store)))
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-
     remove_uncommitted(store)
     if config.retry_failed:
         progress(f"retrying {forget_failures(store)} images that failed in earlier runs")

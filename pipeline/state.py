@@ -14,8 +14,9 @@ from pipeline.storage import OutputStore
 
 SETTINGS = "_state/settings.json"
 RUNS_DIR = "_state/runs"
-OUTPUT_DIRS = ("panoptic", "semantic", "previews", "tables", "coco", "_state")
-OUTPUT_FILES = ("report.json",)
+# Not the whole of _state/: the run that clears the output holds its lease there.
+OUTPUT_DIRS = ("panoptic", "semantic", "previews", "tables", "coco", RUNS_DIR)
+OUTPUT_FILES = ("report.json", SETTINGS)
 
 
 class SettingsMismatch(ValueError):

@@ -124,6 +124,6 @@ class OutputStore:
 
     def check_writable(self) -> None:
         """Write and delete a probe file, so a bad output fails before any work is done."""
-        probe = f"_state/.probe-{uuid.uuid4().hex}"
+        probe = f".probe-{uuid.uuid4().hex}"  # at the root: a run refused next leaves no _state/ behind
         self.write_bytes(probe, b"")
         self.delete(probe)

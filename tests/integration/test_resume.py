@@ -237,6 +237,24 @@ def test_ctrl_c_prints_one_line_keeps_the_run_in_the_history_and_resumes(scenes,
     assert len(images_table(output)) == 120 and len(list((output / "_state" / "runs").glob("*.json"))) == 2
 
 
+def test_two_jobs_started_at_once_on_one_output_one_runs_the_other_is_refused(scenes, tmp_path):
+    """A scheduled run that starts while the last one still runs must not segment its images again."""
+    images, output = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for path in sorted(scenes.iterdir())[:24]:
+        (images / path.name).symlink_to(path)
+    jobs = [subprocess.Popen([sys.executable, str(JOB), "--input", str(images), "--output", str(output)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}) for _ in range(2)]
+    outcomes = sorted((job.wait(timeout=600), job.stderr.read()) for job in jobs)
+    assert [code for code, _ in outcomes] == [0, 2], outcomes
+    refused = outcomes[1][1]
+    assert "Traceback" not in refused and "is being written by run" in refused
+    keys = [row["key"] for row in images_table(output)]
+    assert len(keys) == len(set(keys)) == 24
+    assert not (output / "_state" / "lease.json").exists()
+
+
 def test_more_inference_actors_than_the_machine_holds_is_refused(ray_runtime, tmp_path, image_dir):
     """Two actors of one CPU each on two CPUs leave listing no room: Ray would wait forever."""
     from pipeline.run import ClusterTooSmall

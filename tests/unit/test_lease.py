@@ -1,0 +1,99 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import lease
+from pipeline.lease import LEASE, OutputBusy, hold_lease
+from pipeline.state import clear_outputs
+from pipeline.storage import OutputStore
+
+
+@pytest.fixture(autouse=True)
+def fast(monkeypatch):
+    monkeypatch.setattr(lease, "SETTLE_SECONDS", 0.0)
+
+
+def plant(store: OutputStore, host: str, pid: int, age: float, run_id: str = "other-run") -> None:
+    store.write_bytes(LEASE, json.dumps({"run_id": run_id, "started": "2026-12-02T10:00:00Z", "host": host,
+                                         "pid": pid, "renewed": time.time() - age}).encode())
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_lease_and_admitted_after(tmp_path):
+    store = OutputStore(str(tmp_path))
+    with hold_lease(store, "first", "2026-12-02T10:00:00Z"):
+        with pytest.raises(OutputBusy, match=r"being written by run first \(started 2026-12-02T10:00:00Z"):
+            with hold_lease(store, "second", "now"):
+                pass
+        assert json.loads(store.read_bytes(LEASE))["run_id"] == "first"  # the refused run took nothing
+    assert not store.exists(LEASE)
+    with hold_lease(store, "second", "now"):
+        pass
+
+
+def test_the_lease_is_released_when_the_run_fails(tmp_path):
+    store = OutputStore(str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        with hold_lease(store, "first", "now"):
+            raise KeyboardInterrupt
+    assert not store.exists(LEASE)
+
+
+def test_a_live_holder_on_another_host_blocks_until_its_lease_expires(tmp_path):
+    store = OutputStore(str(tmp_path))
+    plant(store, "some-other-node", os.getpid(), age=30)
+    with pytest.raises(OutputBusy, match="some-other-node.*last seen 30 s ago"):
+        with hold_lease(store, "mine", "now"):
+            pass
+    plant(store, "some-other-node", os.getpid(), age=lease.EXPIRES_SECONDS + 1)
+    with hold_lease(store, "mine", "now"):
+        assert json.loads(store.read_bytes(LEASE))["run_id"] == "mine"
+
+
+def test_a_killed_holder_on_this_host_frees_the_output_at_once(tmp_path):
+    store = OutputStore(str(tmp_path))
+    plant(store, socket.gethostname(), os.getpid(), age=1)
+    with pytest.raises(OutputBusy):
+        with hold_lease(store, "mine", "now"):
+            pass
+    plant(store, socket.gethostname(), dead_pid(), age=1)
+    with hold_lease(store, "mine", "now"):
+        pass
+
+
+def test_the_lease_is_renewed_while_the_run_works(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.05)
+    store = OutputStore(str(tmp_path))
+    with hold_lease(store, "mine", "now"):
+        first = json.loads(store.read_bytes(LEASE))["renewed"]
+        time.sleep(0.5)
+        assert json.loads(store.read_bytes(LEASE))["renewed"] > first
+
+
+def test_a_run_that_loses_a_simultaneous_start_refuses(tmp_path, monkeypatch):
+    """Both found no lease and both wrote one: the one whose write was overwritten gives way."""
+    store = OutputStore(str(tmp_path))
+    monkeypatch.setattr(lease.time, "sleep", lambda _: plant(store, "some-other-node", 1, age=0, run_id="rival"))
+    with pytest.raises(OutputBusy, match="rival"):
+        with hold_lease(store, "mine", "now"):
+            pass
+    assert json.loads(store.read_bytes(LEASE))["run_id"] == "rival"
+
+
+def test_overwrite_keeps_the_lease_of_the_run_that_clears(tmp_path):
+    store = OutputStore(str(tmp_path))
+    with hold_lease(store, "mine", "now"):
+        store.write_bytes("_state/settings.json", b"{}")
+        store.write_bytes("_state/runs/old.json", b"{}")
+        clear_outputs(store)
+        assert store.exists(LEASE) and not store.exists("_state/settings.json") and not store.exists("_state/runs")
