@@ -113,20 +113,29 @@ def _check_room(execution: ExecutionConfig, on_gpu: bool, can_grow: bool, progre
     progress(f"warning: {message}; the run waits until the cluster grows")
 
 
-def _plan(config: RunConfig, out: ShardOutput, progress: Callable[[str], None]) -> ray.data.Dataset:
+def _on_gpu() -> bool:
+    """Whether inference runs on GPUs: this machine's, or the cluster's (the driver may have none)."""
     import torch
 
+    return torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU"))
+
+
+def _resolved_dtype(dtype: str, on_gpu: bool) -> str:
+    """`auto` as the inference actors will run it: recorded so, an output made on CPUs (float32)
+    is not silently extended on GPUs (bfloat16), and `--dtype float32` matches an `auto` CPU run."""
+    return ("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype
+
+
+def _plan(config: RunConfig, out: ShardOutput, dtype: str, on_gpu: bool) -> ray.data.Dataset:
     from pipeline.predictor import InferenceConfig, Predictor
     from pipeline.prepare import prepare_batch
     from pipeline.shards import write_shard
 
     execution = config.execution
     low, high = execution.concurrency
-    on_gpu = torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU"))
-    _check_room(execution, on_gpu, can_grow="RAY_ADDRESS" in os.environ, progress=progress)
     pending = PendingConfig(config.input, out.store, config.storage, config.limit, config.previews)
     prepare = PrepareConfig(storage=config.storage)
-    inference = InferenceConfig(model=config.model, dtype=config.dtype, postprocess=config.postprocess,
+    inference = InferenceConfig(model=config.model, dtype=dtype, postprocess=config.postprocess,
                                 compile=execution.compile, storage=config.storage)
     # One block per 16 keys as pending.py makes them: left to itself Ray splits the single read
     # task's blocks toward 200 blocks, one key each (measured: ~25 s of overhead per 1,000 keys).
@@ -179,10 +188,10 @@ def _drive(results: Iterator[dict], counts: RunCounts, progress: Callable[[str],
     return True
 
 
-def _settings(config: RunConfig, model_dir, categories) -> dict:
+def _settings(config: RunConfig, model_dir, categories, dtype: str) -> dict:
     """What changes results: recorded with the output, compared on every later run."""
     return {"model": config.model, "model_digest": weights_digest(model_dir),
-            "categories": [c.coco() | {"label_id": c.label_id} for c in categories], "dtype": config.dtype,
+            "categories": [c.coco() | {"label_id": c.label_id} for c in categories], "dtype": dtype,
             "postprocess": {**asdict(config.postprocess),
                             "label_ids_to_fuse": sorted(config.postprocess.label_ids_to_fuse),
                             "tasks": list(config.postprocess.tasks)}}
@@ -210,21 +219,23 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
 def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories: tuple[Category, ...], run_id: str,
              started: float, started_at: str, progress: Callable[[str], None]) -> dict:
     """The run proper, on an output it alone writes to."""
+    # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start an embedded runtime
+    # rather than attach to whatever /tmp/ray last pointed at (a killed run leaves a dead pointer).
+    ray.init(address=None if "RAY_ADDRESS" in os.environ else "local", ignore_reinit_error=True,
+             log_to_driver=False, include_dashboard=False)
+    on_gpu = _on_gpu()
+    _check_room(config.execution, on_gpu, can_grow="RAY_ADDRESS" in os.environ, progress=progress)
     if config.overwrite:
         clear_outputs(store)
-    settings = _settings(config, model_dir, categories)
+    settings = _settings(config, model_dir, categories, _resolved_dtype(config.dtype, on_gpu))
     check_settings(store, settings, committed=bool(committed_parts(store)))
     remove_uncommitted(store)
     if config.retry_failed:
         progress(f"retrying {forget_failures(store)} images that failed in earlier runs")
     counts = RunCounts(committed_before=committed_count(store))
     progress(f"{counts.committed_before} images already committed under {config.output}; listing {config.input}")
-    # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start an embedded runtime
-    # rather than attach to whatever /tmp/ray last pointed at (a killed run leaves a dead pointer).
-    ray.init(address=None if "RAY_ADDRESS" in os.environ else "local", ignore_reinit_error=True,
-             log_to_driver=False, include_dashboard=False)
     dataset = _plan(config, ShardOutput(store, categories, run_id, config.model, config.storage,
-                                        config.postprocess.tasks), progress)
+                                        config.postprocess.tasks), settings["dtype"], on_gpu)
     record = {"run_id": run_id, "started": started_at, "input": config.input,
               "execution": asdict(config.execution), **settings}
     results = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))

@@ -123,6 +123,14 @@ def test_changed_settings_are_refused_unless_overwrite(ray_runtime, tmp_path, im
     report = run(RunConfig(input=str(image_dir), output=str(output), limit=2, overwrite=True,
                            postprocess=PostprocessConfig(0.7)), progress=lambda _: None)
     assert report["run"]["processed"] == 2 and report["settings"]["postprocess"]["threshold"] == 0.7
+    # `auto` is recorded as what it ran as (float32 on this CPU machine): naming it is no change
+    assert report["settings"]["dtype"] == "float32"
+    same = RunConfig(input=str(image_dir), output=str(output), limit=3, dtype="float32",
+                     postprocess=PostprocessConfig(0.7))
+    assert run(same, progress=lambda _: None)["run"]["processed"] == 1
+    with pytest.raises(SettingsMismatch, match='dtype: "float32" -> "bfloat16"'):
+        run(RunConfig(input=str(image_dir), output=str(output), dtype="bfloat16", postprocess=PostprocessConfig(0.7)),
+            progress=lambda _: None)
 
 
 def _predictor_pids() -> list[int]:
