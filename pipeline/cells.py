@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -113,11 +114,16 @@ class Winners:
         return Winners(winner, torch.ones_like(winner, dtype=torch.bool), axis(height, height, winner.device),
                        axis(width, width, winner.device), none, none, none)
 
-    def paint(self, table: torch.Tensor) -> torch.Tensor:
-        """(K,) a value per query -> (H, W) the value of each pixel's winner."""
-        # columns first: selecting along the last dim is the slow one on CPU, so on fewer rows
-        image = table[self.owner].index_select(1, self.cols[0]).index_select(0, self.rows[0])
-        image[self.ys, self.xs] = table[self.best]
+    def paint(self, table: torch.Tensor) -> np.ndarray:
+        """(K,) a value per query -> (H, W) the value of each pixel's winner, on the host.
+
+        Painted on the host from the low-res winners: less to copy off a GPU than the painted
+        map, and numpy's `take` along the last axis is ~4x faster than torch's `index_select`
+        (measured on 200x267 -> 480x640: 0.35 against 1.39 ms)."""
+        owner, best = table[self.owner].cpu().numpy(), table[self.best].cpu().numpy()
+        # columns first: selecting along the last axis is the slow one, so on fewer rows
+        image = owner.take(self.cols[0].cpu().numpy(), axis=1).take(self.rows[0].cpu().numpy(), axis=0)
+        image[self.ys.cpu().numpy(), self.xs.cpu().numpy()] = best
         return image
 
     def boxes(self, table: torch.Tensor, count: int) -> torch.Tensor:

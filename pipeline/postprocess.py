@@ -169,7 +169,7 @@ def _one_image(probs: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, 
                 bbox=tuple(int(v) for v in box))
         for i, ((label, score, n), box) in enumerate(zip(small, boxes))
     )
-    return PanopticResult(segment_ids.cpu().numpy(), segments)
+    return PanopticResult(segment_ids, segments)
 
 
 def panoptic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
@@ -214,5 +214,5 @@ def semantic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
         ones = torch.ones(classes, dtype=class_maps.dtype, device=class_maps.device)
         _, _, winners = _query_areas(class_maps, ones, tuple(target), None)  # x 1.0 is exact
         ids = torch.arange(classes, dtype=torch.uint8 if classes <= 256 else torch.int32, device=class_maps.device)
-        maps.append(winners.paint(ids).cpu().numpy())
+        maps.append(winners.paint(ids))
     return [m if m.dtype == np.uint8 else m.astype(np.uint16) for m in maps]
