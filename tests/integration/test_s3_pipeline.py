@@ -173,3 +173,32 @@ def test_new_weights_at_the_same_s3_uri_are_copied_again(s3_server, monkeypatch,
     local_dir.cache_clear()
     second = local_dir(source)
     assert second != first and weights_digest(second) != weights_digest(first)
+
+
+def test_many_committed_parts_read_the_same_on_s3_as_locally(s3_server, monkeypatch, tmp_path):
+    """Parts are fetched several at a time: every one, once, in order, under a root that holds
+    glob characters (fsspec's `cat` would expand them)."""
+    from pipeline.coco import write_panoptic_json
+    from pipeline.remote import StorageConfig
+    from pipeline.shards import FETCH_PARTS, ShardOutput, committed_count, committed_errors, committed_keys, write_shard
+    from pipeline.storage import OutputStore
+    from tests.unit.test_shards_coco import CATEGORIES, _batch
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, s3_server.env()[name])
+    s3_server.filesystem().mkdir("many-parts")
+    shards = 2 * FETCH_PARTS + 5
+    keys = [f"img{i:03d}.jpg" for i in range(shards)]
+    failed = set(keys[::7])
+    seen = []
+    for store in (OutputStore("s3://many-parts/out[1]", StorageConfig(endpoint_url=s3_server.endpoint)),
+                  OutputStore(str(tmp_path / "out[1]"))):
+        for key in keys:  # a shard per image: one part each
+            write_shard(_batch([key], errors=failed & {key}), ShardOutput(store, CATEGORIES, "run1", "m"))
+        totals = write_panoptic_json(store, CATEGORIES)
+        seen.append((committed_keys(store), committed_count(store), committed_errors(store), totals.images,
+                     json.loads(store.read_bytes("coco/panoptic.json"))))
+    assert seen[0] == seen[1]
+    done, count, errors, images, coco_json = seen[0]
+    assert done == set(keys) and count == shards and errors == {("run1", "NotAnImage"): len(failed)}
+    assert images == len(coco_json["images"]) == shards - len(failed)
