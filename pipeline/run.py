@@ -248,6 +248,8 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
         results.close()  # shuts the executor down: no shard starts after the stop
     if config.previews:
         write_index(store, store.find(PREVIEWS_DIR, ".jpg"))
+    # a pass over every committed shard: minutes on an output of millions of images
+    progress(f"rebuilding coco/ and report.json from the committed shards under {config.output}")
     totals, errors = write_panoptic_json(store, categories), committed_errors(store)
     if "instance" in config.postprocess.tasks:
         write_instances_json(store, categories)
