@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from pipeline.labels import Category
-from pipeline.shards import IMAGES_DIR, PANOPTIC_DIR, iter_committed
+from pipeline.shards import IMAGES_DIR, PANOPTIC_DIR, PART_SUFFIX, iter_committed
 from pipeline.storage import OutputStore
 
 PANOPTIC_JSON = "coco/panoptic.json"
 INSTANCES_JSON = "coco/instances.json"
+BUILT_FROM = "_state/coco.json"  # which committed parts coco/ was last built from, and their totals
 
 
 class DuplicateImageId(RuntimeError):
@@ -39,6 +40,17 @@ class DatasetTotals:
     images_by_run: Counter = field(default_factory=Counter)  # run_id -> images it committed
     segments: Counter = field(default_factory=Counter)  # category_id -> segment count
     pixels: Counter = field(default_factory=Counter)  # category_id -> total area
+
+    def to_json(self) -> dict:
+        return {"images": self.images, "images_by_run": dict(self.images_by_run),
+                "segments": {str(k): v for k, v in self.segments.items()},
+                "pixels": {str(k): v for k, v in self.pixels.items()}}
+
+    @staticmethod
+    def from_json(data: dict) -> "DatasetTotals":
+        return DatasetTotals(data["images"], Counter(data["images_by_run"]),
+                             Counter({int(k): v for k, v in data["segments"].items()}),
+                             Counter({int(k): v for k, v in data["pixels"].items()}))
 
 
 def _annotation(row: dict) -> dict:
@@ -123,3 +135,23 @@ def write_instances_json(store: OutputStore, categories: Sequence[Category]) -> 
 
     things = [c.coco() for c in categories if c.isthing]
     _write_dataset(store, INSTANCES_JSON, DatasetTotals(), annotations(), things)
+
+
+def rebuild(store: OutputStore, categories: Sequence[Category], instances: bool) -> DatasetTotals:
+    """Write `coco/panoptic.json` (and `coco/instances.json`) from every committed shard and
+    return the dataset totals; or, when the committed images parts are exactly those (names,
+    sizes, versions) they were last built from, as for a scheduled rerun that found nothing
+    new, keep them and return the totals recorded then: a rebuild reads every part."""
+    source = hashlib.sha256(json.dumps(store.versions(IMAGES_DIR, PART_SUFFIX)).encode()).hexdigest()
+    outputs = [PANOPTIC_JSON, *([INSTANCES_JSON] if instances else [])]
+    try:
+        built = json.loads(store.read_bytes(BUILT_FROM))
+    except FileNotFoundError:
+        built = None
+    if built and built["source"] == source and built["outputs"] == outputs and all(map(store.exists, outputs)):
+        return DatasetTotals.from_json(built["totals"])
+    totals = write_panoptic_json(store, categories)
+    if instances:
+        write_instances_json(store, categories)
+    store.write_bytes(BUILT_FROM, json.dumps({"source": source, "outputs": outputs, "totals": totals.to_json()}).encode())
+    return totals

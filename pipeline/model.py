@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pipeline.remote import StorageConfig, file_system
+from pipeline.remote import StorageConfig, file_system, file_version
 
 SUPPORTED_MODEL_TYPES = ("maskformer", "mask2former")
 BUNDLED = "bundled"  # the trained checkpoint shipped in the package, found on every node
@@ -58,8 +58,7 @@ def _copy_remote_dir(uri: str, storage: StorageConfig) -> Path:
         raise ModelError(f"model directory {uri} holds no checkpoint files")
     # keyed by the files' names, sizes and ETags too: new weights uploaded to the same URI are
     # copied again, not served stale from the cache
-    version = sorted((f["name"], f.get("size"), str(f.get("ETag") or f.get("LastModified") or f.get("mtime")))
-                     for f in files)
+    version = sorted(file_version(f) for f in files)
     target = _cache_root() / hashlib.sha256(json.dumps([uri, version]).encode()).hexdigest()[:16]
     if target.is_dir():
         return target

@@ -46,6 +46,12 @@ _SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY
 _DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken")
 
 
+def file_version(entry: dict) -> tuple[str, int | None, str]:
+    """(name, size, version) of a file from an fsspec `ls(detail=True)` entry; the version (the
+    ETag on object stores, else the modification time) changes whenever the content does."""
+    return entry["name"], entry.get("size"), str(entry.get("ETag") or entry.get("LastModified") or entry.get("mtime"))
+
+
 def redact(text: str) -> str:
     """`text` with any secret of the credential chain's environment replaced by ***."""
     import os

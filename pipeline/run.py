@@ -19,7 +19,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.coco import write_instances_json, write_panoptic_json
+from pipeline.coco import rebuild
 from pipeline.config import PostprocessConfig
 from pipeline.labels import Category, load_categories
 from pipeline.lease import hold_lease
@@ -264,9 +264,8 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
         write_index(store, store.find(PREVIEWS_DIR, ".jpg"))
     # a pass over every committed shard: minutes on an output of millions of images
     progress(f"rebuilding coco/ and report.json from the committed shards under {config.output}")
-    totals, errors = write_panoptic_json(store, categories), committed_errors(store)
-    if "instance" in config.postprocess.tasks:
-        write_instances_json(store, categories)
+    totals = rebuild(store, categories, instances="instance" in config.postprocess.tasks)
+    errors = committed_errors(store)
     # From what the run committed, not from the driver's count of streamed results: shards in
     # flight when a run stops still commit after the driver's last result.
     counts.ok = totals.images_by_run[run_id]

@@ -4,19 +4,21 @@ _state/settings.json       the fingerprint of what changes results: model weight
                            post-processing parameters, dtype. A run with other settings on the
                            same output is refused unless the user asks to overwrite.
 _state/runs/<run_id>.json  one record per run: start, end, input, settings, counts.
+(Also under _state/: lease.json, see lease.py; coco.json, see coco.py.)
 """
 
 from __future__ import annotations
 
 import json
 
+from pipeline.lease import LEASE
 from pipeline.storage import OutputStore
 
-SETTINGS = "_state/settings.json"
-RUNS_DIR = "_state/runs"
-# Not the whole of _state/: the run that clears the output holds its lease there.
+STATE_DIR = "_state"
+SETTINGS = f"{STATE_DIR}/settings.json"
+RUNS_DIR = f"{STATE_DIR}/runs"
 OUTPUT_DIRS = ("panoptic", "semantic", "previews", "tables", "coco", RUNS_DIR)
-OUTPUT_FILES = ("report.json", SETTINGS)
+OUTPUT_FILES = ("report.json",)
 
 
 class SettingsMismatch(ValueError):
@@ -66,6 +68,9 @@ def clear_outputs(store: OutputStore) -> None:
     for name in OUTPUT_FILES:
         if store.exists(name):
             store.delete(name)
+    for name in store.list(STATE_DIR):  # not the lease: the run that clears the output holds it
+        if f"{STATE_DIR}/{name}" != LEASE:
+            store.delete(f"{STATE_DIR}/{name}")
 
 
 def record_run(store: OutputStore, record: dict) -> None:

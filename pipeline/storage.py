@@ -15,7 +15,7 @@ from typing import IO, Iterator, Sequence
 
 import fsspec
 
-from pipeline.remote import StorageConfig, file_system
+from pipeline.remote import StorageConfig, file_system, file_version
 
 @dataclass(frozen=True)
 class OutputStore:
@@ -108,6 +108,18 @@ class OutputStore:
             return []
         names = [posixpath.basename(n.rstrip("/")) for n in names]
         return sorted(n for n in names if n.endswith(suffix) and not n.endswith(".tmp"))
+
+    def versions(self, relative_dir: str, suffix: str = "") -> list[tuple[str, int | None, str]]:
+        """(name, size, version) of the files directly in it, sorted: changes with their contents."""
+        fs, directory = self.fs, self.path(relative_dir)
+        fs.invalidate_cache(directory)
+        try:
+            entries = fs.ls(directory, detail=True)
+        except FileNotFoundError:
+            return []
+        versions = [file_version(e | {"name": posixpath.basename(e["name"].rstrip("/"))}) for e in entries
+                    if e.get("type") == "file"]
+        return sorted(v for v in versions if v[0].endswith(suffix) and not v[0].endswith(".tmp"))
 
     def temporaries(self, relative_dir: str) -> list[str]:
         """Names of the temporary files a local write cut off by a kill left directly in `relative_dir`."""

@@ -177,8 +177,8 @@ def test_new_weights_at_the_same_s3_uri_are_copied_again(s3_server, monkeypatch,
 
 def test_many_committed_parts_read_the_same_on_s3_as_locally(s3_server, monkeypatch, tmp_path):
     """Parts are fetched several at a time: every one, once, in order, under a root that holds
-    glob characters (fsspec's `cat` would expand them)."""
-    from pipeline.coco import write_panoptic_json
+    glob characters (fsspec's `cat` would expand them); unchanged parts are known by their ETags."""
+    from pipeline.coco import rebuild
     from pipeline.remote import StorageConfig
     from pipeline.shards import FETCH_PARTS, ShardOutput, committed_count, committed_errors, committed_keys, write_shard
     from pipeline.storage import OutputStore
@@ -195,9 +195,12 @@ def test_many_committed_parts_read_the_same_on_s3_as_locally(s3_server, monkeypa
                   OutputStore(str(tmp_path / "out[1]"))):
         for key in keys:  # a shard per image: one part each
             write_shard(_batch([key], errors=failed & {key}), ShardOutput(store, CATEGORIES, "run1", "m"))
-        totals = write_panoptic_json(store, CATEGORIES)
+        totals = rebuild(store, CATEGORIES, instances=False)
         seen.append((committed_keys(store), committed_count(store), committed_errors(store), totals.images,
                      json.loads(store.read_bytes("coco/panoptic.json"))))
+        store.write_bytes("coco/panoptic.json", b"as built")  # a marker: a rebuild would overwrite it
+        assert rebuild(store, CATEGORIES, instances=False) == totals  # the parts' versions have not changed
+        assert store.read_bytes("coco/panoptic.json") == b"as built"
     assert seen[0] == seen[1]
     done, count, errors, images, coco_json = seen[0]
     assert done == set(keys) and count == shards and errors == {("run1", "NotAnImage"): len(failed)}

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.coco import image_id, write_panoptic_json
+from pipeline.coco import image_id, rebuild, write_panoptic_json
 from pipeline.encode import read_panoptic_png
 from pipeline.labels import Category
 from pipeline.shards import ShardOutput, committed_count, committed_keys, remove_uncommitted, write_shard
@@ -67,6 +67,29 @@ def test_coco_rebuild(tmp_path):
     assert data["annotations"][0]["segments_info"][0]["category_id"] == 1
     assert [c["id"] for c in data["categories"]] == [1, 7]
     assert totals.images == 2 and totals.pixels == {1: 20, 7: 4} and totals.segments == {1: 2, 7: 2}
+
+
+def test_coco_is_rebuilt_only_when_the_committed_parts_changed(tmp_path):
+    store = OutputStore(str(tmp_path))
+    out = ShardOutput(store, CATEGORIES, "r", "m")
+    write_shard(_batch(["a.jpg"]), out)
+    first = rebuild(store, CATEGORIES, instances=False)
+    panoptic = tmp_path / "coco/panoptic.json"
+    panoptic.write_text("as built")  # a marker: a rebuild would overwrite it
+    again = rebuild(store, CATEGORIES, instances=False)  # a rerun that found nothing new
+    assert panoptic.read_text() == "as built" and again == first and first.images == 1
+    write_shard(_batch(["b.jpg"]), out)  # a new part
+    assert rebuild(store, CATEGORIES, instances=False).images == 2 and panoptic.read_text() != "as built"
+    # --retry-failed redoes a failed shard's keys: a part of the same name, with other contents
+    write_shard(_batch(["c.jpg"], errors={"c.jpg"}), out)
+    assert rebuild(store, CATEGORIES, instances=False).images == 2
+    panoptic.write_text("as built")
+    write_shard(_batch(["c.jpg"]), out)
+    assert rebuild(store, CATEGORIES, instances=False).images == 3
+    assert len(json.loads(panoptic.read_text())["images"]) == 3
+    panoptic.unlink()  # or deleted by hand, or never asked for
+    assert rebuild(store, CATEGORIES, instances=True).images == 3
+    assert panoptic.exists() and (tmp_path / "coco/instances.json").exists()
 
 
 def test_a_shard_written_again_overwrites_its_parts(tmp_path):
