@@ -100,19 +100,12 @@ class OutputStore:
 
     def list(self, relative_dir: str, suffix: str = "") -> list[str]:
         """Names (relative to `relative_dir`) of the files directly in it, sorted."""
-        fs, directory = self.fs, self.path(relative_dir)
-        fs.invalidate_cache(directory)  # other processes write here: never trust a cached listing
-        try:
-            names = fs.ls(directory, detail=False)
-        except FileNotFoundError:
-            return []
-        names = [posixpath.basename(n.rstrip("/")) for n in names]
-        return sorted(n for n in names if n.endswith(suffix) and not n.endswith(".tmp"))
+        return [name for name, _, _ in self.versions(relative_dir, suffix)]
 
     def versions(self, relative_dir: str, suffix: str = "") -> list[tuple[str, int | None, str]]:
-        """(name, size, version) of the files directly in it, sorted: changes with their contents."""
+        """(name, size, version) of the files directly in it, sorted by name: changes with their contents."""
         fs, directory = self.fs, self.path(relative_dir)
-        fs.invalidate_cache(directory)
+        fs.invalidate_cache(directory)  # other processes write here: never trust a cached listing
         try:
             entries = fs.ls(directory, detail=True)
         except FileNotFoundError:
