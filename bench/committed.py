@@ -14,8 +14,6 @@ reading one part at a time costs more.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 import random
 import sys
 import tempfile
@@ -51,18 +49,6 @@ def _part(index: int, rng: random.Random) -> bytes:
     return shards._parquet_bytes(rows, tables.IMAGES)
 
 
-async def _upload(fs, parts: list[bytes], concurrency: int = 32) -> None:
-    session = await fs.set_session()
-    semaphore = asyncio.Semaphore(concurrency)
-
-    async def put(i: int) -> None:
-        async with semaphore:
-            name = f"out/{shards.IMAGES_DIR}/{i:05d}{shards.PART_SUFFIX}"
-            await session.put_object(Bucket="committed", Key=name, Body=parts[i])
-
-    await asyncio.gather(*(put(i) for i in range(len(parts))))
-
-
 def _scans(store: OutputStore) -> dict[str, float]:
     """Seconds of each scan a run makes of the committed tables."""
     seconds = {}
@@ -83,45 +69,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", type=int, default=300)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
-        server = s3_server.start(Path(work))
-        try:
-            import s3fs
-
-            os.environ.update(server.env())
-            rng = random.Random(0)
-            parts = [_part(i, rng) for i in range(args.parts)]
-            fs = s3fs.S3FileSystem(asynchronous=True, endpoint_url=server.endpoint,
-                                   key=s3_server.ACCESS_KEY, secret=s3_server.SECRET_KEY)
-            server.filesystem().mkdir("committed")
+    rng = random.Random(0)
+    parts = [_part(i, rng) for i in range(args.parts)]
+    with tempfile.TemporaryDirectory() as work, s3_server.running(Path(work)) as server:
+        start = time.perf_counter()
+        fs = server.filesystem()
+        fs.mkdir("committed")
+        fs.pipe({f"committed/out/{shards.IMAGES_DIR}/{i:05d}{shards.PART_SUFFIX}": part for i, part in enumerate(parts)})
+        print(f"{args.parts} parts of {IMAGES_PER_PART} images ({sum(map(len, parts)) / 2**20:.1f} MiB) "
+              f"uploaded in {time.perf_counter() - start:.1f} s", flush=True)
+        store = OutputStore("s3://committed/out", StorageConfig(endpoint_url=server.endpoint))
+        _scans(store)  # warm-up: botocore loads its service models once
+        concurrent = shards.FETCH_PARTS
+        results: dict[int, list[dict[str, float]]] = {1: [], concurrent: []}
+        for _ in range(2):
+            for fetch in (1, concurrent):
+                shards.FETCH_PARTS = fetch
+                results[fetch].append(_scans(store))
+        shards.FETCH_PARTS = concurrent
+        print(f"{'scan':16s} {'1 at a time s':>14s} {f'{concurrent} at a time s':>16s} {'speed-up':>9s}")
+        for scan in results[1][0]:
+            one = min(r[scan] for r in results[1])
+            many = min(r[scan] for r in results[concurrent])
+            print(f"{scan:16s} {one:14.2f} {many:16.2f} {one / many:8.1f}x")
+        rebuilds = []
+        for _ in range(2):  # the first builds coco/ (and records what from), the second finds it current
             start = time.perf_counter()
-            asyncio.run(_upload(fs, parts))
-            print(f"{args.parts} parts of {IMAGES_PER_PART} images ({sum(map(len, parts)) / 2**20:.1f} MiB) "
-                  f"uploaded in {time.perf_counter() - start:.1f} s", flush=True)
-            store = OutputStore("s3://committed/out", StorageConfig(endpoint_url=server.endpoint))
-            _scans(store)  # warm-up: botocore loads its service models once
-            concurrent = shards.FETCH_PARTS
-            results: dict[int, list[dict[str, float]]] = {1: [], concurrent: []}
-            for _ in range(2):
-                for fetch in (1, concurrent):
-                    shards.FETCH_PARTS = fetch
-                    results[fetch].append(_scans(store))
-            shards.FETCH_PARTS = concurrent
-            print(f"{'scan':16s} {'1 at a time s':>14s} {f'{concurrent} at a time s':>16s} {'speed-up':>9s}")
-            for scan in results[1][0]:
-                one = min(r[scan] for r in results[1])
-                many = min(r[scan] for r in results[concurrent])
-                print(f"{scan:16s} {one:14.2f} {many:16.2f} {one / many:8.1f}x")
-            rebuilds = []
-            for _ in range(2):  # the first builds coco/ (and records what from), the second finds it current
-                start = time.perf_counter()
-                rebuild(store, CATEGORIES, instances=False)
-                rebuilds.append(time.perf_counter() - start)
-            print(f"a run's rebuild step: {rebuilds[0]:.2f} s after a change to the committed parts, "
-                  f"{rebuilds[1]:.2f} s when they are those coco/ was built from")
-        finally:
-            s3_server.stop(server)
-
+            rebuild(store, CATEGORIES, instances=False)
+            rebuilds.append(time.perf_counter() - start)
+        print(f"a run's rebuild step: {rebuilds[0]:.2f} s after a change to the committed parts, "
+              f"{rebuilds[1]:.2f} s when they are those coco/ was built from")
 
 if __name__ == "__main__":
     main()

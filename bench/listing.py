@@ -11,7 +11,6 @@ listing streams, the peak does not grow with the number of keys.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import tempfile
 import time
@@ -23,17 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.listing import iter_inputs  # noqa: E402
 from pipeline.remote import StorageConfig  # noqa: E402
 from tests import s3_server  # noqa: E402
-
-
-async def _upload(fs, count: int, concurrency: int = 64) -> None:
-    session = await fs.set_session()
-    semaphore = asyncio.Semaphore(concurrency)
-
-    async def put(i: int) -> None:
-        async with semaphore:
-            await session.put_object(Bucket="listing", Key=f"many/{i // 1000:03d}/img_{i:06d}.jpg", Body=b"x")
-
-    await asyncio.gather(*(put(i) for i in range(count)))
 
 
 def _list(prefix: str, storage: StorageConfig) -> tuple[int, float, float, int]:
@@ -54,32 +42,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objects", type=int, default=100_000)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
-        server = s3_server.start(Path(work))
-        try:
-            import os
-
-            import s3fs
-
-            os.environ.update(server.env())
-            fs = s3fs.S3FileSystem(asynchronous=True, endpoint_url=server.endpoint,
-                                   key=s3_server.ACCESS_KEY, secret=s3_server.SECRET_KEY)
-            server.filesystem().mkdir("listing")
-            start = time.perf_counter()
-            asyncio.run(_upload(fs, args.objects))
-            print(f"uploaded {args.objects} objects in {time.perf_counter() - start:.1f} s")
-            storage = StorageConfig(endpoint_url=server.endpoint)
-            _list("s3://listing/many/000", storage)  # warm-up: botocore loads its service models once
-            for prefix in ("s3://listing/many/000", "s3://listing/many"):
-                count, first, total, peak = _list(prefix, storage)
-                keys = [f"many/{i // 1000:03d}/img_{i:06d}.jpg" for i in range(count)]
-                held = sum(sys.getsizeof(k) for k in keys) + sys.getsizeof(keys)
-                print(f"{prefix}: listed {count} keys: first after {first:.2f} s, all after {total:.1f} s, "
-                      f"peak traced memory {peak / 2**20:.2f} MiB (the keys alone as a list: {held / 2**20:.2f} MiB)",
-                      flush=True)
-        finally:
-            s3_server.stop(server)
-
+    with tempfile.TemporaryDirectory() as work, s3_server.running(Path(work)) as server:
+        start = time.perf_counter()
+        fs = server.filesystem()
+        fs.mkdir("listing")
+        fs.pipe({f"listing/many/{i // 1000:03d}/img_{i:06d}.jpg": b"x" for i in range(args.objects)})  # concurrent PUTs
+        print(f"uploaded {args.objects} objects in {time.perf_counter() - start:.1f} s")
+        storage = StorageConfig(endpoint_url=server.endpoint)
+        _list("s3://listing/many/000", storage)  # warm-up: botocore loads its service models once
+        for prefix in ("s3://listing/many/000", "s3://listing/many"):
+            count, first, total, peak = _list(prefix, storage)
+            keys = [f"many/{i // 1000:03d}/img_{i:06d}.jpg" for i in range(count)]
+            held = sum(sys.getsizeof(k) for k in keys) + sys.getsizeof(keys)
+            print(f"{prefix}: listed {count} keys: first after {first:.2f} s, all after {total:.1f} s, "
+                  f"peak traced memory {peak / 2**20:.2f} MiB (the keys alone as a list: {held / 2**20:.2f} MiB)",
+                  flush=True)
 
 if __name__ == "__main__":
     main()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 # Distinctive fake credentials: tests assert they never show up in outputs or logs.
 ACCESS_KEY = "AKIAPIPELINETESTKEY1"
@@ -82,6 +85,18 @@ def start(directory: Path, timeout: float = 60.0) -> S3Server:
                 process.kill()
                 raise RuntimeError(f"SeaweedFS did not start; see {directory / 'weed.log'}")
             time.sleep(0.5)
+
+
+@contextmanager
+def running(directory: Path) -> Iterator[S3Server]:
+    """A server for the body of the `with`, which this process then reaches through the
+    standard AWS environment (for a script's whole life: benchmarks)."""
+    server = start(directory)
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        stop(server)
 
 
 def stop(server: S3Server) -> None:
