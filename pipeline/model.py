@@ -133,9 +133,8 @@ def weights_digest(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-@lru_cache(maxsize=4)
 def load_processor(directory: Path) -> Any:
-    """The checkpoint's image processor (cached per process: CPU tasks reuse it)."""
+    """The checkpoint's image processor."""
     from transformers import AutoImageProcessor
 
     return AutoImageProcessor.from_pretrained(directory, trust_remote_code=False)
