@@ -6,8 +6,10 @@ import pyarrow.parquet as pq
 from pipeline.coco import image_id, rebuild, write_panoptic_json
 from pipeline.encode import read_panoptic_png
 from pipeline.labels import Category
-from pipeline.shards import ShardOutput, committed_count, committed_keys, remove_uncommitted, write_shard
+from pipeline.shards import (ShardOutput, _parquet_bytes, committed_count, committed_keys, iter_committed,
+                             remove_uncommitted, write_shard)
 from pipeline.storage import OutputStore
+from schemas import tables
 
 CATEGORIES = (Category(0, 1, "sky", False, (0, 0, 255), "stuff"), Category(1, 7, "disc", True, (255, 0, 0), "thing"))
 
@@ -113,6 +115,43 @@ def test_coco_counts_a_key_committed_in_two_shards_once(tmp_path):
     assert sorted(im["file_name"] for im in data["images"]) == ["a.jpg", "b.jpg", "c.jpg"]
     assert sorted(a["image_id"] for a in data["annotations"]) == sorted(image_id(k) for k in ("a.jpg", "b.jpg", "c.jpg"))
     assert totals.images == 3 and totals.segments == {1: 3, 7: 3}
+
+
+def test_coco_json_text_is_what_json_dumps_writes(tmp_path):
+    """The annotations are formatted from the tables' columns, not through dicts: the text must
+    be exactly json.dumps of the dicts, for any key, score and number of segments."""
+    store = OutputStore(str(tmp_path))
+    weird = 'we"ird\\ünïcode €.jpg'
+    keys = [["a.jpg", weird, "none.jpg"], ["big.jpg", "a.jpg"], ["a.jpg"]]  # a.jpg: thrice
+    segments = {weird: [], "none.jpg": [],
+                "big.jpg": [{"id": i + 1, "category_id": 7 if i % 2 else 1, "label": "x", "isthing": bool(i % 2),
+                             "score": 1 / (i + 3), "area": 2**40 + i, "bbox": [i, 2 * i, 3, 4]} for i in range(5)]}
+    for part, names in enumerate(keys):
+        rows = [{"key": k, "uri": k, "run_id": f"r{part}", "width": 9, "height": 8, "panoptic_png": f"panoptic/{k}.png",
+                 "model": "m", "segments": segments.get(k, [{"id": 1, "category_id": 7, "label": "x",
+                                                              "isthing": True, "score": 0.5, "area": 1,
+                                                              "bbox": [0, 0, 1, 1]}]),
+                 "semantic_png": None, "instances": None} for k in names]
+        store.write_bytes(f"tables/images/{part}.parquet", _parquet_bytes(rows, tables.IMAGES))
+    totals = write_panoptic_json(store, CATEGORIES)
+    first = {}
+    for table in iter_committed(store, "tables/images"):
+        for row in table.to_pylist():
+            first.setdefault(row["key"], row)
+    rows = list(first.values())
+    images = [{"id": image_id(r["key"]), "file_name": r["key"], "width": r["width"], "height": r["height"]}
+              for r in rows]
+    annotations = [{"image_id": image_id(r["key"]), "file_name": r["panoptic_png"].removeprefix("panoptic/"),
+                    "segments_info": [{"id": s["id"], "category_id": s["category_id"], "area": s["area"],
+                                       "bbox": s["bbox"], "iscrowd": 0, "score": s["score"]} for s in r["segments"]]}
+                   for r in rows]
+    expected = ('{"images": [\n' + ",\n".join(map(json.dumps, images)) + '],\n"annotations": [\n'
+                + ",\n".join(map(json.dumps, annotations)) + '],\n"categories": '
+                + json.dumps([c.coco() for c in CATEGORIES]) + "}\n")
+    assert len(rows) == 4 and sum(len(a["segments_info"]) for a in annotations) == 6
+    assert (tmp_path / "coco/panoptic.json").read_text() == expected
+    assert totals.images == 4 and totals.images_by_run == {"r0": 3, "r1": 1}
+    assert totals.segments == {1: 3, 7: 3} and totals.pixels == {1: 3 * 2**40 + 6, 7: 2 * 2**40 + 5}
 
 
 def test_a_preview_whose_input_is_gone_is_skipped(tmp_path):
