@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from pipeline.remote import StorageConfig
+
 
 TASKS = ("panoptic", "semantic", "instance")
 
@@ -36,3 +38,22 @@ class PostprocessConfig:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}")
         object.__setattr__(self, "label_ids_to_fuse", frozenset(int(i) for i in self.label_ids_to_fuse))
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """What each inference actor loads and how it runs it."""
+
+    model: str  # checkpoint URI; each node resolves it to its local copy
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"
+    postprocess: PostprocessConfig = PostprocessConfig()
+    compile: bool = False
+    storage: StorageConfig = StorageConfig()
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")

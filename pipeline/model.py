@@ -117,7 +117,7 @@ def _check_weights(uri: str, directory: Path) -> None:
 
     for weights in sorted(directory.glob("*.safetensors")):
         try:
-            with safe_open(str(weights), framework="pt"):
+            with safe_open(str(weights), framework="numpy"):  # "pt" would import torch: seconds
                 pass
         except (SafetensorError, OSError) as exc:
             raise ModelError(f"model {uri!r}: {weights.name} is not a readable safetensors file ({exc})") from exc
@@ -140,22 +140,29 @@ def load_processor(directory: Path) -> Any:
     return AutoImageProcessor.from_pretrained(directory, trust_remote_code=False)
 
 
-def load_config(directory: Path) -> Any:
-    from transformers import AutoConfig
+def _check_model_type(model_type: str | None) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
 
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(
-            f"model type {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    return config
+
+def model_labels(directory: Path) -> dict[int, str]:
+    """The checkpoint's class names by label id, from its config.json, read as JSON: the driver
+    needs nothing else of the config, and importing transformers for it took seconds."""
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        labels = {int(i): str(name) for i, name in config["id2label"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{path} is not a model config with id2label ({exc.__class__.__name__}: {exc})") from exc
+    _check_model_type(config.get("model_type"))
+    return labels
 
 
 def load_model(directory: Path, device: str) -> Any:
     """The model in eval mode on `device`; weights from safetensors only."""
     from transformers import AutoModelForUniversalSegmentation
 
-    load_config(directory)
+    model_labels(directory)  # a clear error for an unsupported model type
     model = AutoModelForUniversalSegmentation.from_pretrained(
         directory, use_safetensors=True, trust_remote_code=False
     )

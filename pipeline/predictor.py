@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from pycocotools import mask as rle
 
-from pipeline.config import PostprocessConfig
+from pipeline.config import DTYPES as DTYPE_NAMES, InferenceConfig
 from pipeline.encode import smallest_id_dtype
 from pipeline.failures import INFER
 from pipeline.memory import release_free_memory, reuse_freed_memory
@@ -24,29 +23,16 @@ from pipeline.model import ModelSource, load_model, load_processor, local_dir
 from pipeline.postprocess import panoptic_segmentation, semantic_segmentation
 from pipeline.postprocess_instance import instance_segmentation
 from pipeline.preprocess import resize_for_model
-from pipeline.remote import StorageConfig
 from pipeline.results import ImageResult, InstanceResult, PanopticResult
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
-@dataclass(frozen=True)
-class InferenceConfig:
-    model: str  # checkpoint URI; each node resolves it to its local copy
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"
-    postprocess: PostprocessConfig = PostprocessConfig()
-    compile: bool = False
-    storage: StorageConfig = StorageConfig()
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("auto", *DTYPES):
-            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
-
-    def resolved(self) -> tuple[str, torch.dtype]:
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-        dtype = ("bfloat16" if device.startswith("cuda") else "float32") if self.dtype == "auto" else self.dtype
-        return device, DTYPES[dtype]
+def device_and_dtype(config: InferenceConfig) -> tuple[str, torch.dtype]:
+    """The config's device and dtype, `auto` resolved on this process's machine."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if config.dtype == "auto" else config.dtype
+    return device, DTYPES[dtype]
 
 
 def pad_batch(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,12 +72,13 @@ def _instances_json(result: InstanceResult | None) -> str:
 
 
 class Predictor:
-    """`map_batches(Predictor, fn_constructor_kwargs={"config": ...}, concurrency=(min, max))`."""
+    """The inference actor's work (`run.InferenceActor` holds one): loads the model once, then
+    segments batch after batch."""
 
     def __init__(self, config: InferenceConfig) -> None:
         reuse_freed_memory()  # post-processing churns MB-sized tensors; trimmed after each batch
         self.config = config
-        self.device, self.dtype = config.resolved()
+        self.device, self.dtype = device_and_dtype(config)
         directory = local_dir(ModelSource(config.model, config.storage))
         self.processor = load_processor(directory)
         self.model = load_model(directory, self.device)

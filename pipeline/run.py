@@ -1,6 +1,6 @@
 """The one module that knows Ray: wires the stages into a Ray Data plan and drives it.
 
-pending inputs (one streaming read task) -> prepare (CPU tasks) -> Predictor (actor pool)
+pending inputs (one streaming read task) -> prepare (CPU tasks) -> InferenceActor (actor pool)
 -> write_shard (CPU tasks) -> rebuild coco/panoptic.json + report.json from all committed shards.
 """
 
@@ -20,11 +20,11 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.coco import rebuild
-from pipeline.config import PostprocessConfig
+from pipeline.config import InferenceConfig, PostprocessConfig
 from pipeline.labels import Category, load_categories
 from pipeline.lease import hold_lease
 from pipeline.listing import InputError, iter_inputs
-from pipeline.model import BUNDLED, ModelSource, load_config, local_dir, weights_digest
+from pipeline.model import BUNDLED, ModelSource, local_dir, model_labels, weights_digest
 from pipeline.pending import BLOCK_ROWS, PendingConfig, pending_blocks
 from pipeline.prepare import PrepareConfig
 from pipeline.previews import PREVIEWS_DIR, write_index
@@ -114,10 +114,23 @@ def _check_room(execution: ExecutionConfig, on_gpu: bool, can_grow: bool, progre
 
 
 def _on_gpu() -> bool:
-    """Whether inference runs on GPUs: this machine's, or the cluster's (the driver may have none)."""
-    import torch
+    """Whether the cluster has GPUs (Ray finds a node's GPUs when the node starts): each
+    inference actor then takes one."""
+    return bool(ray.cluster_resources().get("GPU"))
 
-    return torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU"))
+
+class InferenceActor:
+    """The inference stage's callable class: a `pipeline.predictor.Predictor`, imported in the
+    actor. The driver only names this class, and importing torch, torchvision and transformers
+    there held up the start of every run by seconds (measured: 6.5 s on 2 cores)."""
+
+    def __init__(self, config: InferenceConfig) -> None:
+        from pipeline.predictor import Predictor
+
+        self.predictor = Predictor(config)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.predictor(batch)
 
 
 def _resolved_dtype(dtype: str, on_gpu: bool) -> str:
@@ -127,7 +140,6 @@ def _resolved_dtype(dtype: str, on_gpu: bool) -> str:
 
 
 def _plan(config: RunConfig, out: ShardOutput, dtype: str, on_gpu: bool) -> ray.data.Dataset:
-    from pipeline.predictor import InferenceConfig, Predictor
     from pipeline.prepare import prepare_batch
     from pipeline.shards import write_shard
 
@@ -154,7 +166,7 @@ def _plan(config: RunConfig, out: ShardOutput, dtype: str, on_gpu: bool) -> ray.
         # decoded in batches of BLOCK_ROWS: a task's batch of full-size images is all in its memory
         .map_batches(prepare_batch, fn_kwargs={"config": prepare}, batch_size=BLOCK_ROWS,
                      num_cpus=execution.prepare_cpus)
-        .map_batches(Predictor, fn_constructor_kwargs={"config": inference}, batch_size=execution.batch_size,
+        .map_batches(InferenceActor, fn_constructor_kwargs={"config": inference}, batch_size=execution.batch_size,
                      compute=ActorPoolStrategy(min_size=low, max_size=high),
                      num_gpus=1 if on_gpu else 0, num_cpus=PREDICTOR_CPUS)
         .map_batches(write_shard, fn_kwargs={"out": out}, batch_size=execution.shard_size, num_cpus=WRITE_CPUS)
@@ -221,7 +233,7 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     store = OutputStore(config.output, config.storage)
     store.check_writable()
     model_dir = local_dir(ModelSource(config.model, config.storage))
-    categories = load_categories(load_config(model_dir).id2label, model_dir, config.label_map,
+    categories = load_categories(model_labels(model_dir), model_dir, config.label_map,
                                  config.storage.options(config.label_map or ""))
     if next(iter_inputs(config.input, config.storage, config.output), None) is None:
         raise InputError(f"no images found under {config.input}")

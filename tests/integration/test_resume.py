@@ -23,11 +23,19 @@ from tests.integration.conftest import coco, images_table, segment_maps
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "segment_bucket.py"
 
 
+# Runs a script with torch, torchvision and transformers unimportable in this process only (Ray's
+# workers are processes of their own): they load in the inference actor, and importing them in the
+# driver held up the start of every run by seconds.
+DRIVER_WITHOUT_TORCH = ("import runpy, sys; sys.modules.update(torch=None, torchvision=None, transformers=None); "
+                        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def start_job(images: Path, output: Path) -> subprocess.Popen:
+    """The job as a user starts it, but with a driver that cannot import torch (see above)."""
     # Batch size 1: each image's result then cannot depend on which images a resumed run batches it with.
     return subprocess.Popen(
-        [sys.executable, str(JOB), "--input", str(images), "--output", str(output), "--batch-size", "1",
-         "--shard-size", "8"],
+        [sys.executable, "-c", DRIVER_WITHOUT_TORCH, str(JOB), "--input", str(images), "--output", str(output),
+         "--batch-size", "1", "--shard-size", "8"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
@@ -134,14 +142,14 @@ def test_changed_settings_are_refused_unless_overwrite(ray_runtime, tmp_path, im
 
 
 def _predictor_pids() -> list[int]:
-    """Ray names an actor's process after it: `ray::MapWorker(MapBatches(Predictor))...`."""
+    """Ray names an actor's process after it: `ray::MapWorker(MapBatches(InferenceActor))...`."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if cmdline.startswith("ray::") and "Predictor" in cmdline:
+        if cmdline.startswith("ray::") and "InferenceActor" in cmdline:
             pids.append(int(proc.name))
     return pids
 

@@ -3,12 +3,15 @@ import json
 import pytest
 
 from pipeline.labels import LabelMapError, load_categories
-from pipeline.model import ModelError, ModelSource, load_config, load_model, local_dir
+from pipeline.model import ModelError, ModelSource, load_model, local_dir, model_labels
 
 
 def test_checkpoint_label_map_is_used(untrained_model):
-    config = load_config(untrained_model)
-    categories = load_categories(config.id2label, untrained_model)
+    from transformers import AutoConfig
+
+    labels = model_labels(untrained_model)  # config.json read as JSON: as transformers reads it
+    assert labels == AutoConfig.from_pretrained(untrained_model).id2label
+    categories = load_categories(labels, untrained_model)
     assert [c.name for c in categories] == ["sky", "ground", "disc", "box", "wedge"]
     assert [c.isthing for c in categories] == [False, False, True, True, True]
     assert [c.id for c in categories] == [1, 2, 3, 4, 5]
@@ -29,6 +32,15 @@ def test_user_label_map_must_cover_every_label(tmp_path):
     path.write_text(json.dumps({"categories": [{"label_id": 0, "id": 7, "name": "a", "isthing": 1}]}))
     with pytest.raises(LabelMapError, match=r"\[1\]"):
         load_categories({0: "a", 1: "b"}, tmp_path, str(path))
+
+
+@pytest.mark.parametrize("config, error", [({"model_type": "bert", "id2label": {"0": "a"}}, "'bert' is not supported"),
+                                           ({"model_type": "maskformer"}, "KeyError"),
+                                           ("{not json", "JSONDecodeError"), ([1, 2], "TypeError")])
+def test_unusable_model_configs_are_clear_errors(tmp_path, config, error):
+    (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    with pytest.raises(ModelError, match=error):
+        model_labels(tmp_path)
 
 
 def test_local_mask2former_and_maskformer_load(untrained_model, tmp_path):

@@ -2,7 +2,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.model import BUNDLED
-from pipeline.predictor import InferenceConfig, Predictor
+from pipeline.config import InferenceConfig
+from pipeline.predictor import Predictor
 from pipeline.scenes import generate_scenes
 
 STUFF = {0, 1}  # the bundled model's sky and ground; labels 2-4 are things
