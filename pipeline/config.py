@@ -43,6 +43,11 @@ class PostprocessConfig:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def resolved_dtype(dtype: str, on_gpu: bool) -> str:
+    """`auto` as it runs (bfloat16 on a GPU, float32 on a CPU); any other dtype as named."""
+    return ("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """What each inference actor loads and how it runs it."""

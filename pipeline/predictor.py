@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from pycocotools import mask as rle
 
-from pipeline.config import DTYPES as DTYPE_NAMES, InferenceConfig
+from pipeline.config import DTYPES as DTYPE_NAMES, InferenceConfig, resolved_dtype
 from pipeline.encode import smallest_id_dtype
 from pipeline.failures import INFER
 from pipeline.memory import release_free_memory, reuse_freed_memory
@@ -31,8 +31,7 @@ DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 def device_and_dtype(config: InferenceConfig) -> tuple[str, torch.dtype]:
     """The config's device and dtype, `auto` resolved on this process's machine."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    dtype = ("bfloat16" if device.startswith("cuda") else "float32") if config.dtype == "auto" else config.dtype
-    return device, DTYPES[dtype]
+    return device, DTYPES[resolved_dtype(config.dtype, on_gpu=device.startswith("cuda"))]
 
 
 def pad_batch(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

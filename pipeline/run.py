@@ -20,7 +20,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.coco import rebuild
-from pipeline.config import InferenceConfig, PostprocessConfig
+from pipeline.config import InferenceConfig, PostprocessConfig, resolved_dtype
 from pipeline.labels import Category, load_categories
 from pipeline.lease import hold_lease
 from pipeline.listing import InputError, iter_inputs
@@ -131,12 +131,6 @@ class InferenceActor:
 
     def __call__(self, batch: dict) -> dict:
         return self.predictor(batch)
-
-
-def _resolved_dtype(dtype: str, on_gpu: bool) -> str:
-    """`auto` as the inference actors will run it: recorded so, an output made on CPUs (float32)
-    is not silently extended on GPUs (bfloat16), and `--dtype float32` matches an `auto` CPU run."""
-    return ("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype
 
 
 def _plan(config: RunConfig, out: ShardOutput, dtype: str, on_gpu: bool) -> ray.data.Dataset:
@@ -253,7 +247,9 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
     _check_room(config.execution, on_gpu, can_grow="RAY_ADDRESS" in os.environ, progress=progress)
     if config.overwrite:
         clear_outputs(store)
-    settings = _settings(config, model_dir, categories, _resolved_dtype(config.dtype, on_gpu))
+    # `auto` recorded as the actors will run it: an output made on CPUs (float32) is then not
+    # silently extended on GPUs (bfloat16), and `--dtype float32` matches an `auto` CPU run
+    settings = _settings(config, model_dir, categories, resolved_dtype(config.dtype, on_gpu))
     check_settings(store, settings, committed=bool(committed_parts(store)))
     remove_uncommitted(store)
     if config.retry_failed:
