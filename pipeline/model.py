@@ -140,11 +140,6 @@ def load_processor(directory: Path) -> Any:
     return AutoImageProcessor.from_pretrained(directory, trust_remote_code=False)
 
 
-def _check_model_type(model_type: str | None) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-
-
 def model_labels(directory: Path) -> dict[int, str]:
     """The checkpoint's class names by label id, from its config.json, read as JSON: the driver
     needs nothing else of the config, and importing transformers for it took seconds."""
@@ -154,7 +149,9 @@ def model_labels(directory: Path) -> dict[int, str]:
         labels = {int(i): str(name) for i, name in config["id2label"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"{path} is not a model config with id2label ({exc.__class__.__name__}: {exc})") from exc
-    _check_model_type(config.get("model_type"))
+    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(f"model type {config.get('model_type')!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     return labels
 
 
