@@ -1,16 +1,17 @@
 """Throughput, side by side in one run on the same checkpoint and images:
 
-(a) the loop a user writes by hand: PIL -> processor -> model -> transformers'
+(a) the loop a user writes by hand: PIL -> processor -> model (float32) -> transformers'
     post_process_panoptic_segmentation -> PNG + JSON per image, one image at a time;
-(b) the bare model forward on pre-decoded, pre-resized, pre-batched tensors (pipeline batch size
-    and dtype): the ceiling;
+(b) the bare model forward on pre-decoded, pre-resized, pre-batched tensors already on the device,
+    batched as the pipeline batches them (its batch size, split by shape; its dtype): the ceiling;
 (c) the pipeline end to end (listing, decode, resize, inference, post-processing, PNG and Parquet
     writes, commit, COCO JSON and report), on an already started Ray runtime.
 
-Images: generated scenes scaled to COCO-like sizes (640x480, 480x640, 640x427, 612x612, 500x375)
-and saved as JPEG, quality 90.
+All three run on the device the job would use (CUDA when there is one). Images: generated
+scenes scaled to COCO-like sizes (640x480, 480x640, 640x427, 612x612, 500x375) and saved as JPEG,
+quality 90.
 
-    .venv/bin/python bench/pipeline.py [--images 200] [--batch-size 8] [--model bundled] [--compile]
+    .venv/bin/python bench/pipeline.py [--images 200] [--batch-size 8] [--model bundled] [--dtype auto] [--compile]
     .venv/bin/python bench/pipeline.py --scale 1000,10000   # pipeline only: time and peak memory
 
 Peak memory is the peak, sampled every second, of the summed proportional set size (PSS: shared
@@ -37,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.encode import ids_to_rgb  # noqa: E402
 from pipeline.model import ModelSource, load_model, load_processor, local_dir  # noqa: E402
-from pipeline.predictor import normalize, pad_batch  # noqa: E402
+from pipeline.config import DTYPES, InferenceConfig  # noqa: E402
+from pipeline.predictor import device_and_dtype, normalize, pad_batch, shape_groups  # noqa: E402
 from pipeline.preprocess import resize_for_model  # noqa: E402
 from pipeline.run import ExecutionConfig, RunConfig, run  # noqa: E402
 from pipeline.scenes import generate_scenes  # noqa: E402
@@ -116,37 +118,45 @@ class PeakMemory:
         self._thread.join()
 
 
-def hand_loop(files: list[Path], model_dir: Path, out: Path) -> float:
+def hand_loop(files: list[Path], model_dir: Path, out: Path, device: str) -> float:
+    """What a user writes: the model in float32 on the device, one image at a time."""
     from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation
 
     processor = AutoImageProcessor.from_pretrained(model_dir)
-    model = AutoModelForUniversalSegmentation.from_pretrained(model_dir, use_safetensors=True).eval()
+    model = AutoModelForUniversalSegmentation.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
     out.mkdir(parents=True)
     start = time.perf_counter()
     for path in files:
         image = Image.open(path).convert("RGB")
         with torch.inference_mode():
-            outputs = model(**processor(images=image, return_tensors="pt"))
+            outputs = model(**processor(images=image, return_tensors="pt").to(device))
         result = processor.post_process_panoptic_segmentation(
             outputs, target_sizes=[(image.height, image.width)], label_ids_to_fuse=set())[0]
-        ids = result["segmentation"].numpy().clip(min=0).astype(np.int32)
+        ids = result["segmentation"].cpu().numpy().clip(min=0).astype(np.int32)
         Image.fromarray(ids_to_rgb(ids)).save(out / f"{path.name}.png")
         (out / f"{path.name}.json").write_text(json.dumps(result["segments_info"]))
     return time.perf_counter() - start
 
 
-def bare_forward(files: list[Path], model_dir: Path, batch_size: int, compile: bool) -> float:
-    """Seconds for one forward pass over all batches; compiled, after a first pass that compiles."""
-    processor, model = load_processor(model_dir), load_model(model_dir, "cpu")
+def bare_forward(files: list[Path], model_dir: Path, batch_size: int, compile: bool, device: str,
+                 dtype: torch.dtype) -> float:
+    """Seconds for one forward pass over all batches, already on the device, in the pipeline's
+    dtype (autocast, as the inference actor runs it); compiled, after a first pass that compiles."""
+    processor, model = load_processor(model_dir), load_model(model_dir, device)
     images = [resize_for_model(np.asarray(Image.open(p).convert("RGB")), processor) for p in files]
-    batches = [pad_batch(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    batches = [(normalize(pixels, mask, processor), mask) for pixels, mask in batches]
+    batches = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        batches += [pad_batch([batch[i] for i in group]) for group in shape_groups(batch)]  # as the actor runs them
+    batches = [(normalize(pixels, mask, processor).to(device), mask.to(device)) for pixels, mask in batches]
 
     def forward() -> float:
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype, enabled=dtype != torch.float32):
             for pixels, mask in batches:
                 model(pixel_values=pixels, pixel_mask=mask)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     if compile:
@@ -155,12 +165,12 @@ def bare_forward(files: list[Path], model_dir: Path, batch_size: int, compile: b
     return forward()
 
 
-def pipeline(folder: Path, model: str, batch_size: int, out: Path, compile: bool = False) -> float:
+def pipeline(folder: Path, model: str, batch_size: int, out: Path, compile: bool = False, dtype: str = "auto") -> float:
     import ray
 
     ray.init(address="local", ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
     start = time.perf_counter()
-    report = run(RunConfig(input=str(folder), output=str(out), model=model,
+    report = run(RunConfig(input=str(folder), output=str(out), model=model, dtype=dtype,
                            execution=ExecutionConfig(batch_size=batch_size, compile=compile)), progress=lambda _: None)
     seconds = time.perf_counter() - start
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in report["run"]["stage_seconds"].items())
@@ -187,7 +197,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--model", default="bundled")
+    parser.add_argument("--model", default="bundled",
+                        help="as the job's --model; for a real checkpoint's compute: bench.random_checkpoint")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                        help="(b) and (c); auto as the job: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model in (b) (timed after a compiling pass) and (c) (compile included)")
     parser.add_argument("--scale", help="comma-separated image counts: run only the pipeline on each")
@@ -195,15 +208,17 @@ def main() -> None:
     if args.scale:
         return scale([int(n) for n in args.scale.split(",")], args.model, args.batch_size)
     model_dir = local_dir(ModelSource(args.model))
+    device, dtype = device_and_dtype(InferenceConfig(args.model, dtype=args.dtype))
     with tempfile.TemporaryDirectory() as work:
         folder = coco_like_jpegs(Path(work), args.images, seed=9)
         files = sorted(folder.iterdir())
-        t_hand = hand_loop(files, model_dir, Path(work) / "hand")
-        t_bare = bare_forward(files, model_dir, args.batch_size, args.compile)
-        t_pipe = pipeline(folder, args.model, args.batch_size, Path(work) / "pipeline", args.compile)
+        t_hand = hand_loop(files, model_dir, Path(work) / "hand", device)
+        t_bare = bare_forward(files, model_dir, args.batch_size, args.compile, device, dtype)
+        t_pipe = pipeline(folder, args.model, args.batch_size, Path(work) / "pipeline", args.compile, args.dtype)
     n = len(files)
-    print(f"{n} images, torch {torch.__version__} on {torch.get_num_threads()} CPU threads, batch {args.batch_size}"
-          + (", compiled" if args.compile else ""))
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    print(f"{n} images, torch {torch.__version__} on {where}, batch {args.batch_size}, (b) and (c) in "
+          f"{str(dtype).removeprefix('torch.')}" + (", compiled" if args.compile else ""))
     for name, seconds in (("(a) hand-written loop", t_hand), ("(b) bare model forward", t_bare),
                           ("(c) pipeline end to end", t_pipe)):
         print(f"{name:26s} {seconds:8.2f} s {n / seconds:8.2f} images/s")

@@ -1,6 +1,6 @@
 """Post-processing: transformers' reference vs ours, on the same logits, side by side, per task.
 
-    .venv/bin/python bench/postprocess.py [--repeat 3]
+    .venv/bin/python bench/postprocess.py [--repeat 3] [--device cuda]
 
 Logits as a COCO MaskFormer produces them for a batch of 8 images of 640x480: 100 queries,
 133 classes + no-object, masks at 1/4 of the 800x1066 model input (200x267). "Realistic" logits
@@ -122,11 +122,13 @@ def instance_pair(config: PostprocessConfig):
     return reference, ours, lambda results: sum(len(r.instances) for r in results) / BATCH
 
 
-def best_of(fn, repeat: int) -> float:
+def best_of(fn, repeat: int, device: str) -> float:
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
+        if device == "cuda":  # both sides return host results, but leave nothing queued either way
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -134,21 +136,25 @@ def best_of(fn, repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the logits lie and both sides run (default: cuda when there is one)")
     args = parser.parse_args()
     config = PostprocessConfig()
     reuse_freed_memory()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, {QUERIES} queries, "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, batch {BATCH}, {QUERIES} queries, "
           f"{CLASSES} classes, masks {MASK_H}x{MASK_W} -> {TARGET[1]}x{TARGET[0]}")
     print(f"{'task':9s} {'logits':10s} {'found/img':>10s} {'reference s':>12s} {'ours s':>8s} {'speed-up':>9s}")
     cases = [("panoptic", panoptic_pair, realistic_logits), ("panoptic", panoptic_pair, random_logits),
              ("panoptic", panoptic_pair, bundled_logits), ("semantic", semantic_pair, realistic_logits),
              ("instance", instance_pair, realistic_logits)]
     for task, pair, make in cases:
-        classes, masks = make()
+        classes, masks = (t.to(args.device) for t in make())
         reference, ours, found = pair(config)
-        per_image = found(ours(classes, masks))
-        t_ref = best_of(lambda: reference(classes, masks), args.repeat)
-        t_ours = best_of(lambda: ours(classes, masks), args.repeat)
+        per_image = found(ours(classes, masks))  # also the warm-up: CUDA kernels load on first use
+        reference(classes, masks)
+        t_ref = best_of(lambda: reference(classes, masks), args.repeat, args.device)
+        t_ours = best_of(lambda: ours(classes, masks), args.repeat, args.device)
         print(f"{task:9s} {make.__name__.removesuffix('_logits'):10s} {per_image:10.1f} {t_ref:12.3f} "
               f"{t_ours:8.3f} {t_ref / t_ours:8.1f}x", flush=True)
 

@@ -58,6 +58,7 @@ class InferenceConfig:
     postprocess: PostprocessConfig = PostprocessConfig()
     compile: bool = False
     storage: StorageConfig = StorageConfig()
+    actors: int = 1  # the most inference actors at once: on a CPU node they share its cores
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):

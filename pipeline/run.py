@@ -142,7 +142,7 @@ def _plan(config: RunConfig, out: ShardOutput, dtype: str, on_gpu: bool) -> ray.
     pending = PendingConfig(config.input, out.store, config.storage, config.limit, config.previews)
     prepare = PrepareConfig(storage=config.storage)
     inference = InferenceConfig(model=config.model, dtype=dtype, postprocess=config.postprocess,
-                                compile=execution.compile, storage=config.storage)
+                                compile=execution.compile, storage=config.storage, actors=high)
     # One block per 16 keys as pending.py makes them: left to itself Ray splits the single read
     # task's blocks toward 200 blocks, one key each (measured: ~25 s of overhead per 1,000 keys).
     # (`override_num_blocks=1` stops the split too, but then no shard committed before the last

@@ -1,4 +1,7 @@
+import os
+
 import numpy as np
+import torch
 from PIL import Image
 
 from pipeline.model import BUNDLED
@@ -54,3 +57,16 @@ def test_an_image_that_fails_its_batch_fails_alone(tmp_path):
     assert out["error_stage"][1] == "infer" and "out of memory" in out["error_message"][1]
     for i in (0, 2):
         assert len(out["segments"][i]) > 2 and out["segment_ids"][i].shape == images[i].shape[:2]
+
+
+def test_on_a_cpu_the_actors_share_the_cores_as_torch_threads(monkeypatch):
+    # Ray starts an actor that reserves one CPU with OMP_NUM_THREADS=1: torch on one core
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # as on an 8-core node
+    before = torch.get_num_threads()
+    try:
+        for actors, threads in ((1, 8), (3, 2), (8, 1), (20, 1)):
+            torch.set_num_threads(1)
+            Predictor(InferenceConfig(model=BUNDLED, actors=actors))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
