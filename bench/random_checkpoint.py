@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, MaskFormerImageProcessor
 
-COCO_MAP = Path(__file__).resolve().parent.parent / "pipeline" / "data" / "coco_panoptic_label_map.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.labels import COCO_PANOPTIC_MAP  # noqa: E402
 
 
 def build(out_dir: Path, seed: int = 0) -> Path:
     """Write config.json, model.safetensors and preprocessor_config.json to `out_dir`."""
     torch.manual_seed(seed)
-    categories = json.loads(COCO_MAP.read_text())["categories"]
+    categories = json.loads(COCO_PANOPTIC_MAP.read_text())["categories"]
     id2label = {c["label_id"]: c["name"] for c in categories}
     config = MaskFormerConfig(id2label=id2label, label2id={v: k for k, v in id2label.items()},
                               use_auxiliary_loss=False)  # transformers 5 fails inference without hidden states otherwise

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Mapping
 
 LABEL_MAP_FILE = "label_map.json"
-_COCO_MAP = Path(__file__).parent / "data" / "coco_panoptic_label_map.json"
+COCO_PANOPTIC_MAP = Path(__file__).parent / "data" / "coco_panoptic_label_map.json"
 log = logging.getLogger(__name__)
 
 
@@ -86,7 +86,7 @@ def load_categories(id2label: Mapping[int, str], model_dir: Path, label_map: str
     local = model_dir / LABEL_MAP_FILE
     if local.is_file():
         return _check(_parse(local.read_text(), str(local)), id2label, str(local))
-    coco = {c.name: c for c in _parse(_COCO_MAP.read_text(), "built-in COCO panoptic map")}
+    coco = {c.name: c for c in _parse(COCO_PANOPTIC_MAP.read_text(), "built-in COCO panoptic map")}
     if all(name in coco for name in id2label.values()):
         return tuple(
             Category(i, coco[name].id, name, coco[name].isthing, coco[name].color, coco[name].supercategory)
