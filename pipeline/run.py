@@ -199,12 +199,19 @@ def _stop(dataset: ray.data.Dataset, results: Iterator[dict]) -> None:
 
     Closing the iterator alone cancels the running tasks without waiting for them, and a write
     task cancelled mid-way could commit after the run had counted its commits (measured: 170
-    counted, 174 committed). So the executor is shut down with `force`, which waits, as Ray's
-    own blocking calls end theirs (`Dataset._synchronize_progress_bar`); a killed write task
-    commits all or nothing."""
+    counted, 174 committed). Shutting the executor down with `force` kills them but does not
+    wait for them either: it waits with `ray.get`, which returns a streaming generator (what a
+    map task is) at once (Ray 2.60). So each running task's end is awaited here; a killed write
+    task has committed all or nothing."""
     executor = getattr(dataset, "_current_executor", None)  # set by iter_batches in Ray 2.60
     if executor is not None:
+        running = [task.get_waitable() for op in executor._topology for task in op.get_active_tasks()]
         executor.shutdown(force=True)
+        for waitable in running:
+            try:
+                ray.get(waitable.completed() if isinstance(waitable, ray.ObjectRefGenerator) else waitable)
+            except ray.exceptions.RayError:  # killed, as intended, or failed on its own
+                pass
     results.close()
 
 
@@ -268,6 +275,7 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
         raise
     if not finished:
         _stop(dataset, results)
+        remove_uncommitted(store)  # what a task killed mid-shard left: the output holds only commits
     if config.previews:
         write_index(store, store.find(PREVIEWS_DIR, ".jpg"))
     # a pass over every committed shard: minutes on an output of millions of images
