@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.encode import ids_to_rgb  # noqa: E402
 from pipeline.model import ModelSource, load_model, load_processor, local_dir  # noqa: E402
 from pipeline.config import DTYPES, InferenceConfig  # noqa: E402
-from pipeline.predictor import device_and_dtype, normalize, pad_batch, shape_groups  # noqa: E402
+from pipeline.predictor import device_and_dtype, inference, normalize, pad_batch, shape_groups  # noqa: E402
 from pipeline.preprocess import resize_for_model  # noqa: E402
 from pipeline.run import ExecutionConfig, RunConfig, run  # noqa: E402
 from pipeline.scenes import generate_scenes  # noqa: E402
@@ -152,7 +152,7 @@ def bare_forward(files: list[Path], model_dir: Path, batch_size: int, compile: b
 
     def forward() -> float:
         start = time.perf_counter()
-        with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype, enabled=dtype != torch.float32):
+        with inference(device, dtype):
             for pixels, mask in batches:
                 model(pixel_values=pixels, pixel_mask=mask)
         if device.startswith("cuda"):

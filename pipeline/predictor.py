@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -42,6 +43,13 @@ def cpu_threads(actors: int) -> int:
     MaskFormer Swin-B: 1.6x slower on 2 cores than with both)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // actors)
+
+
+@contextmanager
+def inference(device: str, dtype: torch.dtype) -> Iterator[None]:
+    """How the model runs: no autograd, and autocast to `dtype` unless it is float32."""
+    with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype, enabled=dtype != torch.float32):
+        yield
 
 
 def pad_batch(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,9 +131,7 @@ class Predictor:
 
     def _forward(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[ImageResult]:
         pixels, pixel_mask = pad_batch(images)
-        with torch.inference_mode(), torch.autocast(
-            device_type=self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype != torch.float32
-        ):
+        with inference(self.device, self.dtype):
             outputs = self.model(pixel_values=normalize(pixels, pixel_mask, self.processor), pixel_mask=pixel_mask)
         masks = outputs.masks_queries_logits.float()
         padded_h, padded_w = pixels.shape[-2:]
