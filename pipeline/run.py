@@ -283,7 +283,7 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
     totals = rebuild(store, categories, instances="instance" in config.postprocess.tasks)
     errors = committed_errors(store)
     # From what the run committed, not from the driver's count of streamed results: shards in
-    # flight when a run stops still commit after the driver's last result.
+    # flight when a run stops may have committed after the driver's last result.
     counts.ok = totals.images_by_run[run_id]
     counts.error_types = Counter({kind: n for (run, kind), n in errors.items() if run == run_id})
     counts.failed = sum(counts.error_types.values())

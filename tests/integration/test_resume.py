@@ -207,7 +207,8 @@ def test_failed_images_are_redone_only_when_asked(ray_runtime, tmp_path, image_d
 
 
 def test_a_stop_for_too_many_errors_reports_what_was_committed(ray_runtime, tmp_path):
-    """Shards in flight at the stop still commit: the run's report counts them, from the tables."""
+    """The report counts exactly what is committed once the stop has ended every write, and
+    nothing half-written is left (errors parts of shards that never committed)."""
     from pipeline.run import TooManyErrors
 
     images = tmp_path / "images"
@@ -219,7 +220,9 @@ def test_a_stop_for_too_many_errors_reports_what_was_committed(ray_runtime, tmp_
         run(RunConfig(input=str(images), output=str(output), max_error_ratio=0.1,
                       execution=ExecutionConfig(shard_size=4)), progress=lambda _: None)
     report = json.loads((output / "report.json").read_text())
-    committed = sum(pq.read_metadata(p).num_rows for p in (output / "tables" / "errors").glob("*.parquet"))
+    parts = list((output / "tables" / "errors").glob("*.parquet"))
+    assert all((output / "tables" / "images" / p.name).exists() for p in parts)  # each its shard's commit
+    committed = sum(pq.read_metadata(p).num_rows for p in parts)
     assert 20 <= committed <= 300
     assert report["run"]["failed"] == report["run"]["processed"] == report["dataset"]["errors"] == committed
 
