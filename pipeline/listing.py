@@ -8,6 +8,7 @@ runs, usable as a file name, and unable to escape the output prefix.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import posixpath
@@ -29,19 +30,38 @@ class InputError(ValueError):
     """`--input` cannot be listed; the message says why, for the user."""
 
 
+# Longest key segment, in UTF-8 bytes: outputs append up to 41 bytes to it (".png" and a local
+# write's ".<32 hex>.tmp"), and most file systems refuse names over 255 bytes.
+MAX_SEGMENT_BYTES = 200
+
+
 def safe_key(relative: str) -> str:
     """A relative object name made safe to join under an output prefix.
 
     Path segments stay segments (sub-folders are kept); '.', '..' and empty segments, backslashes,
-    '%' and unprintable characters are percent-encoded (their UTF-8 bytes: one name, one key), so no
-    key is absolute or climbs out.
+    '%' and unprintable characters are percent-encoded (their bytes: one name, one key; a local
+    name that is not UTF-8 keeps its raw bytes), so no key is absolute or climbs out. A segment
+    longer than MAX_SEGMENT_BYTES keeps its start and extension around a hash of the whole: an
+    output named after it could not be written.
     """
     def segment(part: str) -> str:
         part = part.replace("%", "%25").replace("\\", "%5C")
-        part = "".join(c if c.isprintable() else "".join(f"%{b:02X}" for b in c.encode()) for c in part)
-        return {"": "%00", ".": "%2E", "..": "%2E%2E"}.get(part, part)
+        part = "".join(c if c.isprintable() else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogateescape"))
+                       for c in part)
+        part = {"": "%00", ".": "%2E", "..": "%2E%2E"}.get(part, part)
+        return part if len(part.encode()) <= MAX_SEGMENT_BYTES else _shortened(part)
 
     return "/".join(segment(p) for p in relative.split("/"))
+
+
+def _shortened(part: str) -> str:
+    """A segment over MAX_SEGMENT_BYTES -> its start, '~', 16 hex digits of its hash and its
+    extension (when short): MAX_SEGMENT_BYTES at most, distinct for distinct segments."""
+    dot = part.rfind(".")
+    extension = part[dot:] if dot > 0 and len(part) - dot <= 16 else ""
+    tail = f"~{hashlib.sha256(part.encode()).hexdigest()[:16]}{extension}"
+    start = part.encode()[:MAX_SEGMENT_BYTES - len(tail.encode())].decode(errors="ignore")
+    return start + tail
 
 
 def _is_image(path: str) -> bool:
@@ -76,8 +96,15 @@ def _list_folder(fs: fsspec.AbstractFileSystem, root: str, protocol: str, skip: 
         for name in sorted(files):
             path = f"{directory.rstrip('/')}/{name}"
             if _is_image(path) and not skipped(path):
-                uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
+                uri = _text(path) if protocol in ("file", "local") else f"{protocol}://{path}"
                 yield safe_key(path[len(root) + 1:]), uri
+
+
+def _text(path: str) -> str:
+    """A local path as the tables can hold it. A name that is not UTF-8 (Python keeps its bytes as
+    surrogates) is shown with its bytes escaped: no file has that name, so the image fails with a
+    read error row that names it, instead of failing the job."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _local_walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:

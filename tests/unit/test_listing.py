@@ -119,3 +119,23 @@ def test_symlinked_folders_are_followed_once(tmp_path, image_dir):
     keys = [key for key, _ in iter_inputs(str(root))]
     assert "linked/img_0.jpg" in keys and "linked/sub dir/img_5.png" in keys
     assert len(keys) == len(set(keys)) == len([k for k in keys if k.startswith("linked/")])
+
+
+def test_long_names_get_keys_an_output_can_be_named_after():
+    first, second = safe_key("a/" + "x" * 300 + "1.jpg"), safe_key("a/" + "x" * 300 + "2.jpg")
+    assert first != second and first == safe_key("a/" + "x" * 300 + "1.jpg")  # distinct, stable
+    for key in (first, second, safe_key("漢" * 100 + ".png")):
+        name = key.split("/")[-1]
+        assert len(name.encode()) <= 200 and name.endswith((".jpg", ".png")) and "~" in name
+    assert "~" in safe_key("x" * 197 + ".jpg")  # 201 bytes
+    assert safe_key("y" * 196 + ".jpg") == "y" * 196 + ".jpg"  # 200 bytes: kept as it is
+
+
+def test_a_local_name_that_is_not_utf8_is_listed_readably(tmp_path):
+    import os
+
+    os.mkdir(os.fsencode(tmp_path / "in"))
+    open(os.fsencode(tmp_path / "in") + b"/caf\xe9.jpg", "wb").close()
+    ((key, uri),) = iter_inputs(str(tmp_path / "in"))
+    assert key == "caf%E9.jpg"
+    assert uri.encode("utf-8") and uri.endswith("caf\\xe9.jpg")  # the tables hold UTF-8 only
