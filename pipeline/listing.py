@@ -175,19 +175,43 @@ def _inside(output: str, storage: StorageConfig, fs: fsspec.AbstractFileSystem, 
     return prefix if same and prefix.startswith(root.rstrip("/") + "/") else None
 
 
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
+def _kind(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """"manifest", "image" (a single image) or "folder"."""
+    if root.lower().endswith(MANIFEST_EXTENSIONS) and fs.isfile(root):
+        return "manifest"
+    return "image" if _is_image(root) and fs.isfile(root) else "folder"
+
+
+def keys_root(input_uri: str, storage: StorageConfig = StorageConfig()) -> str:
+    """What the keys of `input_uri` are relative to: the folder (a single image's own), resolved,
+    or "manifest" (a manifest's keys are its URIs). The same key under another root is another
+    image, so an output records its root and refuses another one."""
+    fs, root = file_system(input_uri, storage)
+    kind, protocol = _kind(fs, root), _protocol(fs)
+    if kind == "manifest":
+        return "manifest"
+    folder = root.rsplit("/", 1)[0] if kind == "image" else root
+    return os.path.realpath(folder) if protocol in ("file", "local") else f"{protocol}://{folder.rstrip('/')}"
+
+
 def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig(),
                 output: str | None = None) -> Iterator[tuple[str, str]]:
     """Yield (key, uri) for every image under `input_uri`, or listed in it if it is a manifest;
     nothing under `output` (a run's own outputs, when written inside its input, are no input)."""
     try:
         fs, root = file_system(input_uri, storage)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        if root.lower().endswith(MANIFEST_EXTENSIONS) and fs.isfile(root):
+        protocol = _protocol(fs)
+        kind = _kind(fs, root)
+        if kind == "manifest":
             folder = root.rsplit("/", 1)[0]
             for uri in _manifest_uris(fs, root):
                 yield _manifest_key(uri), _resolved(uri, folder, protocol)
             return
-        if _is_image(root) and fs.isfile(root):  # a single image
+        if kind == "image":
             yield safe_key(root.rsplit("/", 1)[-1]), input_uri
             return
         if not fs.isdir(root):

@@ -23,7 +23,7 @@ from pipeline.coco import rebuild
 from pipeline.config import InferenceConfig, PostprocessConfig, resolved_dtype
 from pipeline.labels import Category, load_categories
 from pipeline.lease import hold_lease
-from pipeline.listing import InputError, iter_inputs
+from pipeline.listing import InputError, iter_inputs, keys_root
 from pipeline.model import BUNDLED, ModelSource, local_dir, model_labels, weights_digest
 from pipeline.pending import BLOCK_ROWS, PendingConfig, pending_blocks
 from pipeline.prepare import PrepareConfig
@@ -216,8 +216,10 @@ def _stop(dataset: ray.data.Dataset, results: Iterator[dict]) -> None:
 
 
 def _settings(config: RunConfig, model_dir, categories, dtype: str) -> dict:
-    """What changes results: recorded with the output, compared on every later run."""
-    return {"model": config.model, "model_digest": weights_digest(model_dir),
+    """What changes results, and what the keys are relative to: recorded with the output,
+    compared on every later run."""
+    return {"input_root": keys_root(config.input, config.storage),
+            "model": config.model, "model_digest": weights_digest(model_dir),
             "categories": [c.coco() | {"label_id": c.label_id} for c in categories], "dtype": dtype,
             "postprocess": {**asdict(config.postprocess),
                             "label_ids_to_fuse": sorted(config.postprocess.label_ids_to_fuse),

@@ -1,8 +1,9 @@
 """`_state/`: what made this output (refuse to mix models) and the history of runs.
 
 _state/settings.json       the fingerprint of what changes results: model weights, label map,
-                           post-processing parameters, dtype. A run with other settings on the
-                           same output is refused unless the user asks to overwrite.
+                           post-processing parameters, dtype; and the input's root, which keys
+                           are relative to. A run with other settings on the same output is
+                           refused unless the user asks to overwrite.
 _state/runs/<run_id>.json  one record per run: start, end, input, settings, counts.
 (Also under _state/: lease.json, see lease.py; coco.json, see coco.py.)
 """

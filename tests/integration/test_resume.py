@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +140,14 @@ def test_changed_settings_are_refused_unless_overwrite(ray_runtime, tmp_path, im
     with pytest.raises(SettingsMismatch, match='dtype: "float32" -> "bfloat16"'):
         run(RunConfig(input=str(image_dir), output=str(output), dtype="bfloat16", postprocess=PostprocessConfig(0.7)),
             progress=lambda _: None)
+    # another folder's keys would be taken for this one's: refused; the same folder by a link is the same
+    other = tmp_path / "day2"
+    shutil.copytree(image_dir, other)
+    with pytest.raises(SettingsMismatch, match=f'input_root: "{image_dir.resolve()}" -> "{other.resolve()}"'):
+        run(RunConfig(input=str(other), output=str(output), postprocess=PostprocessConfig(0.7)), progress=lambda _: None)
+    (tmp_path / "link").symlink_to(image_dir)
+    again = RunConfig(input=f"{tmp_path / 'link'}/", output=str(output), limit=3, postprocess=PostprocessConfig(0.7))
+    assert run(again, progress=lambda _: None)["run"]["committed_before"] == 3
 
 
 def _predictor_pids() -> list[int]:

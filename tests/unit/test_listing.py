@@ -139,3 +139,15 @@ def test_a_local_name_that_is_not_utf8_is_listed_readably(tmp_path):
     ((key, uri),) = iter_inputs(str(tmp_path / "in"))
     assert key == "caf%E9.jpg"
     assert uri.encode("utf-8") and uri.endswith("caf\\xe9.jpg")  # the tables hold UTF-8 only
+
+
+def test_keys_root_is_the_resolved_folder_the_keys_are_relative_to(tmp_path, image_dir):
+    from pipeline.listing import keys_root
+
+    (tmp_path / "link").symlink_to(image_dir)
+    (tmp_path / "list.txt").write_text(str(next(image_dir.glob("*.jpg"))) + "\n")
+    root = str(image_dir.resolve())
+    assert keys_root(str(image_dir)) == keys_root(f"{image_dir}/./") == keys_root(str(tmp_path / "link")) == root
+    assert keys_root(str(next(image_dir.glob("*.jpg")))) == root  # a single image: its folder
+    assert keys_root(str(tmp_path / "list.txt")) == "manifest"
+    assert keys_root("s3://bucket/images/") == "s3://bucket/images"
