@@ -18,7 +18,9 @@ from pipeline.storage import OutputStore
 STATE_DIR = "_state"
 SETTINGS = f"{STATE_DIR}/settings.json"
 RUNS_DIR = f"{STATE_DIR}/runs"
-OUTPUT_DIRS = ("panoptic", "semantic", "previews", "tables", "coco", RUNS_DIR)
+# the tables first: they hold the commit records, and a clear cut off after deleting a shard's PNGs
+# but not its record would leave that shard "done" without its PNGs
+OUTPUT_DIRS = ("tables", "panoptic", "semantic", "previews", "coco", RUNS_DIR)
 OUTPUT_FILES = ("report.json",)
 
 

@@ -33,3 +33,23 @@ def test_settings_of_a_run_that_committed_nothing_do_not_bind(tmp_path):
     check_settings(store, SETTINGS | {"dtype": "float32"}, committed=False)
     with pytest.raises(SettingsMismatch, match="float32"):
         check_settings(store, SETTINGS, committed=True)
+
+
+def test_a_clear_cut_off_never_leaves_a_commit_record_without_its_pngs(tmp_path, monkeypatch):
+    """--overwrite interrupted after its first deletion: no shard is still "done" without its PNGs."""
+    from pipeline.shards import committed_parts
+    from pipeline.state import clear_outputs
+
+    store = OutputStore(str(tmp_path))
+    store.write_bytes("panoptic/a.jpg.png", b"png")
+    store.write_bytes("tables/images/part.parquet", b"commit record")
+    rm = store.fs.rm
+
+    def rm_once_then_interrupt(path, recursive=False):
+        monkeypatch.setattr(store.fs, "rm", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        rm(path, recursive=recursive)
+
+    monkeypatch.setattr(store.fs, "rm", rm_once_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        clear_outputs(store)
+    assert committed_parts(store) == [] and store.exists("panoptic/a.jpg.png")
