@@ -91,7 +91,7 @@ def _list_folder(fs: fsspec.AbstractFileSystem, root: str, protocol: str, skip: 
             if _is_image(path) and not skipped(path):
                 yield safe_key(path[len(root) + 1:]), f"s3://{path}"
         return
-    walk = _local_walk(root) if protocol in ("file", "local") else fs.walk(root)
+    walk = _local_walk(root, skip) if protocol in ("file", "local") else fs.walk(root)
     for directory, _, files in walk:
         for name in sorted(files):
             path = f"{directory.rstrip('/')}/{name}"
@@ -107,13 +107,14 @@ def _text(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _local_walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
+def _local_walk(root: str, skip: str | None) -> Iterator[tuple[str, list[str], list[str]]]:
     """`os.walk` that follows symlinked folders (a dataset assembled from links is common), each
-    real folder once, so a link cycle ends; folders in name order, so listings are stable."""
+    real folder once, so a link cycle ends; folders in name order, so listings are stable. The
+    folder `skip` (a resolved path plus "/") is not entered, by whatever path it is reached."""
     visited: set[str] = set()
     for directory, folders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(directory)
-        if real in visited:
+        if real in visited or (skip and f"{real}/".startswith(skip)):
             folders[:] = []
             continue
         visited.add(real)
@@ -168,11 +169,17 @@ def _resolved(uri: str, folder: str, protocol: str) -> str:
 
 
 def _inside(output: str, storage: StorageConfig, fs: fsspec.AbstractFileSystem, root: str) -> str | None:
-    """The output's path plus "/" when the output lies inside the input folder `root` of `fs`."""
+    """The output's path plus "/" when the output lies inside the input folder `root` of `fs`
+    (local paths resolved: `in/./out` and a link to `in/out` are `in/out`)."""
     out_fs, out_root = file_system(output, storage, write=True)
-    same = out_fs.protocol == fs.protocol
-    prefix = out_root.rstrip("/") + "/"
-    return prefix if same and prefix.startswith(root.rstrip("/") + "/") else None
+    if _protocol(out_fs) != _protocol(fs):
+        return None
+    if _protocol(fs) in ("file", "local"):
+        out_root, root = os.path.realpath(out_root), os.path.realpath(root)
+    prefix, folder = out_root.rstrip("/") + "/", root.rstrip("/") + "/"
+    if prefix == folder:
+        raise InputError(f"--output {output} is the input folder itself: write the outputs to another folder")
+    return prefix if prefix.startswith(folder) else None
 
 
 def _protocol(fs: fsspec.AbstractFileSystem) -> str:

@@ -151,3 +151,18 @@ def test_keys_root_is_the_resolved_folder_the_keys_are_relative_to(tmp_path, ima
     assert keys_root(str(next(image_dir.glob("*.jpg")))) == root  # a single image: its folder
     assert keys_root(str(tmp_path / "list.txt")) == "manifest"
     assert keys_root("s3://bucket/images/") == "s3://bucket/images"
+
+
+def test_an_output_inside_the_input_is_found_however_it_is_spelt(tmp_path, image_dir):
+    import shutil
+
+    root = tmp_path / "in"
+    shutil.copytree(image_dir, root)
+    (root / "out").mkdir()
+    (root / "out" / "img_0.jpg.png").write_bytes((image_dir / "img_0.jpg").read_bytes())
+    (tmp_path / "link").symlink_to(root / "out")
+    for output in (f"{root}/./out", f"{root}//out/", str(tmp_path / "link")):
+        keys = {key for key, _ in iter_inputs(f"{root}/.", output=output)}
+        assert len(keys) == 6 and not any(k.startswith("out/") for k in keys), output
+    with pytest.raises(InputError, match="is the input folder itself"):
+        list(iter_inputs(str(root), output=f"{root}/"))
