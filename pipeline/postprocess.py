@@ -1,8 +1,9 @@
 """Panoptic and semantic post-processing of MaskFormer outputs, vectorised, on the logits' device.
 
 Same segments as transformers' `post_process_panoptic_segmentation(..., target_sizes=...)` on the
-same logits (same operations in the same order, so the same floats), with three differences made
-on purpose and kept here alone:
+same logits (the same operations in the same order; upsampled values may differ from
+`F.interpolate`'s by a few ulp, so queries tied to within that can split a pixel otherwise: exact
+ties aside), with three differences made on purpose and kept here alone:
 - each image's padding is cropped from the mask logits before upsampling, so an image batched with
   larger ones lands on its own pixels;
 - "no segment" is an all-void int32 map (the reference returns a float map of -1 on the CPU);
@@ -47,7 +48,8 @@ def segment_ids_per_query(labels: torch.Tensor, valid: torch.Tensor, fuse: froze
 def _kept(area: torch.Tensor, original: torch.Tensor, config: PostprocessConfig) -> torch.Tensor:
     """The reference's test of each query, (K,) -> (K,) bool: it wins pixels, its scaled mask passes
     the threshold at `original` pixels, and it wins more than the overlap share of those."""
-    return (area > 0) & (original > 0) & (area / original.clamp(min=1) > config.overlap_mask_area_threshold)
+    ratio = area / original.clamp(min=1)  # float32, as the reference's; compared as its Python float is
+    return (area > 0) & (original > 0) & (ratio.double() > config.overlap_mask_area_threshold)
 
 
 def _undecided_winners(probs: torch.Tensor, scores: torch.Tensor, scaled: torch.Tensor, cy: torch.Tensor,
@@ -67,7 +69,7 @@ def _undecided_winners(probs: torch.Tensor, scores: torch.Tensor, scaled: torch.
     queries = torch.where(ranked == k, ranked[:1], ranked)  # (J, n)
     blocks = cells.blocks(cy, cx, rows, cols)
     values = cells.block_values(probs, queries, cy, cx, blocks, rows, cols)  # (J, n, R, C)
-    values *= scores[queries][:, :, None, None]  # the reference scales after interpolating: same floats
+    values *= scores[queries][:, :, None, None]  # the reference scales after interpolating
     n, height, width = blocks.inside.shape
     best = queries.T.gather(1, values.max(0).indices.view(n, -1)).view(-1)  # first max
     pixel = blocks.inside.view(-1).nonzero().squeeze(1)  # of the (n, R, C) blocks
@@ -116,7 +118,7 @@ def _query_areas(probs: torch.Tensor, scores: torch.Tensor, target: tuple[int, i
     # the thresholded area is at least every cell above at all corners, at most that plus the
     # cells the threshold crosses; the narrowest exact dtype for the products is the fastest
     widths = cols[4].to(torch.uint8 if int(cols[4].max()) < 2 ** 8 else torch.int32)
-    lower = (every * widths).sum(2, dtype=torch.int32).to(torch.int64).mv(rows[4])
+    lower = ((every * widths).sum(2, dtype=torch.int32).to(torch.int64) * rows[4]).sum(1)  # CUDA has no int64 mv
     tq, ty, tx = (some ^ every).nonzero(as_tuple=True)
     crossed = rows[4][ty] * cols[4][tx]
     upper = lower + torch.bincount(tq, weights=crossed.to(torch.float64), minlength=k).to(torch.int64)

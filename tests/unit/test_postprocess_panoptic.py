@@ -163,3 +163,28 @@ def test_one_query_owns_every_cell():
     (theirs,) = reference(class_logits, masks, [(20, 30)], PostprocessConfig())
     assert [(s.label_id, s.area, s.bbox) for s in ours.segments] == [(1, 600, (0, 0, 30, 20))]
     assert_same(ours, theirs)
+
+
+def test_a_query_winning_exactly_the_overlap_share_is_kept_as_the_reference_keeps_it():
+    """4 of its 5 thresholded pixels: 4/5 in float32 is 0.800000012, which the reference compares
+    with 0.8 as a Python float (kept); compared in float32 the two are equal (dropped)."""
+    class_logits = torch.tensor([[[5.0, -5.0, -5.0], [-5.0, 10.0, -5.0]]])  # (1, 2 queries, 2 classes + none)
+    masks = torch.tensor([[[[5.0, 5, 5, 5, 5]], [[-10.0, -10, -10, -10, 10]]]])  # (1, 2, 1, 5)
+    config = PostprocessConfig()
+    ours = panoptic_segmentation(class_logits, masks, [(1, 5)], [(1, 5)], config)
+    theirs = reference(class_logits, masks, [(1, 5)], config)
+    assert [s.label_id for s in ours[0].segments] == [0, 1]
+    assert_same(ours[0], theirs[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs where the logits lie: needs a GPU")
+def test_on_a_gpu_the_segments_are_the_cpus():
+    """Every operation has a CUDA kernel (int64 matrix-vector products, say, have none), and
+    CUDA's arithmetic moves no more than near-tied pixels."""
+    class_logits, masks = blob_logits(2, 30, 5, 24, 32, seed=61)
+    config, targets = PostprocessConfig(threshold=0.5), [(61, 83), (480, 640)]
+    cpu = panoptic_segmentation(class_logits, masks, [(24, 32)] * 2, targets, config)
+    gpu = panoptic_segmentation(class_logits.cuda(), masks.cuda(), [(24, 32)] * 2, targets, config)
+    for c, g in zip(cpu, gpu):
+        assert len(c.segments) >= 4 and [s.label_id for s in g.segments] == [s.label_id for s in c.segments]
+        assert np.mean(g.segment_ids == c.segment_ids) > 0.999
