@@ -24,10 +24,11 @@ from pipeline.lease import OutputBusy  # noqa: E402
 from pipeline.listing import InputError  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
 from pipeline.state import SettingsMismatch  # noqa: E402
-from pipeline.remote import StorageConfig, redact, storage_error_message  # noqa: E402
+from pipeline.remote import StorageConfig, UnsupportedURL, redact, storage_error_message  # noqa: E402
 from pipeline.run import ClusterTooSmall, ExecutionConfig, RunConfig, TooManyErrors, run  # noqa: E402
 
-USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, TooManyErrors, ClusterTooSmall, OutputBusy)
+USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, TooManyErrors, ClusterTooSmall, OutputBusy,
+               UnsupportedURL)
 
 
 def user_error_message(exc: Exception) -> str | None:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from pipeline.remote import StorageConfig, file_system
+from pipeline.remote import StorageConfig, UnsupportedURL, file_system
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".pbm", ".pgm", ".ppm",
@@ -224,5 +224,11 @@ def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig(),
         if not fs.isdir(root):
             raise InputError(f"no images found: input {input_uri} does not exist or is an empty prefix")
         yield from _list_folder(fs, root, protocol, _inside(output, storage, fs, root) if output else None)
+    except (InputError, UnsupportedURL):
+        raise
     except (FileNotFoundError, PermissionError) as exc:
         raise InputError(f"cannot list input {input_uri}: {exc}") from exc
+    # an unreadable manifest (a Parquet file that is not one, a CSV that is not UTF-8): Arrow's
+    # and Unicode's errors are ValueErrors
+    except ValueError as exc:
+        raise InputError(f"cannot read input {input_uri}: {type(exc).__name__}: {exc}") from exc

@@ -32,13 +32,20 @@ class StorageConfig:
         return options
 
 
+class UnsupportedURL(ValueError):
+    """A URL whose scheme fsspec does not know, or whose package is not installed."""
+
+
 def file_system(url: str, storage: StorageConfig, write: bool = False) -> tuple[AbstractFileSystem, str]:
     """(fsspec file system of `url`'s scheme, the path in it). Unlike `fsspec.core.url_to_fs`,
     a "::" in a name belongs to the name (fsspec would read it as a chain of file systems)."""
     import fsspec
 
     protocol, _ = fsspec.core.split_protocol(url)
-    fs = fsspec.filesystem(protocol or "file", **storage.options(url, write=write))
+    try:
+        fs = fsspec.filesystem(protocol or "file", **storage.options(url, write=write))
+    except (ValueError, ImportError) as exc:  # "Protocol not known: foo", "Please install gcsfs ..."
+        raise UnsupportedURL(f"cannot open {url}: {exc}") from exc
     return fs, fs._strip_protocol(url)
 
 

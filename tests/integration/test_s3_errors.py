@@ -1,4 +1,4 @@
-"""Storage mistakes give one clear error line and exit status 2, never a traceback or a secret."""
+"""Storage and input mistakes give one clear error line and exit status 2, never a traceback or a secret."""
 
 from __future__ import annotations
 
@@ -59,3 +59,17 @@ def test_empty_prefix(s3_server, bucket, untrained_model):
     result = run_job(["--input", f"s3://{bucket}/nothing-here/", "--output", "s3://outputs/x"],
                      s3_server.env(), untrained_model)
     assert_one_clear_error(result, "no images")
+
+
+@pytest.mark.parametrize("input, output, expected", [
+    ("bad.parquet", None, "magic bytes"), ("empty.parquet", None, "0 bytes"), ("latin1.csv", None, "utf-8"),
+    ("foo://x/images", None, "protocol not known"), ("gs://bucket/images", None, "install gcsfs"),
+    (None, "foo://x/out", "protocol not known"), (None, "gs://bucket/out", "install gcsfs"),
+])
+def test_unreadable_manifests_and_unknown_schemes(input, output, expected, tmp_path, image_dir, untrained_model):
+    (tmp_path / "bad.parquet").write_text("not a parquet file")
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    (tmp_path / "latin1.csv").write_bytes("uri\n/data/café.jpg\n".encode("latin-1"))
+    input = str(image_dir) if input is None else input if "://" in input else str(tmp_path / input)
+    result = run_job(["--input", input, "--output", output or str(tmp_path / "out")], {}, untrained_model)
+    assert_one_clear_error(result, expected)
