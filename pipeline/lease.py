@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pipeline.storage import OutputStore
 
@@ -70,8 +70,13 @@ def _busy(store: OutputStore, holder: dict, now: float) -> OutputBusy:
 
 
 @contextmanager
-def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[None]:
-    """Hold the output's lease for the body of the `with`; OutputBusy if another run holds it."""
+def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callable[[], None]]:
+    """Hold the output's lease for the body of the `with`; OutputBusy if another run holds it.
+
+    Yields a check that raises OutputBusy once another run has taken the lease over: this run went
+    unseen past EXPIRES_SECONDS (a suspended machine, a storage outage), the other found it
+    expired, and both would now segment the same images. The renewals stop then, so as not to
+    overwrite the other's lease."""
     holder = _holder(store, time.time())
     if holder is not None:
         raise _busy(store, holder, time.time())
@@ -86,18 +91,30 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[None]:
     if holder is not None and holder["run_id"] != run_id:
         raise _busy(store, holder, time.time())
     stop = threading.Event()
+    taken: list[dict] = []  # the lease found in place of ours
 
     def keep_renewing() -> None:
         while not stop.wait(RENEW_SECONDS):
             try:
+                current = _read(store)
+                if current is not None and current["run_id"] != run_id:
+                    taken.append(current)
+                    return
                 renew()
             except OSError:  # storage unreachable for a moment: the next renewal may succeed
                 pass
 
+    def check() -> None:
+        if taken:
+            raise OutputBusy(
+                f"stopped: run {taken[0]['run_id']} (on {taken[0]['host']}, process {taken[0]['pid']}) took over "
+                f"{store.root} after this run went unseen for over {EXPIRES_SECONDS:.0f} s; what this run "
+                "committed is kept, and that run goes on with the rest")
+
     renewer = threading.Thread(target=keep_renewing, name="lease-renewer", daemon=True)
     renewer.start()
     try:
-        yield
+        yield check
     finally:
         stop.set()
         renewer.join()

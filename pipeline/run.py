@@ -22,7 +22,7 @@ from ray.data.datasource import Datasource, ReadTask
 from pipeline.coco import rebuild
 from pipeline.config import InferenceConfig, PostprocessConfig, resolved_dtype
 from pipeline.labels import Category, load_categories
-from pipeline.lease import hold_lease
+from pipeline.lease import OutputBusy, hold_lease
 from pipeline.listing import InputError, iter_inputs, keys_root
 from pipeline.model import BUNDLED, ModelSource, local_dir, model_labels, weights_digest
 from pipeline.pending import BLOCK_ROWS, PendingConfig, pending_blocks
@@ -175,10 +175,12 @@ MIN_IMAGES_FOR_ERROR_RATIO = 20
 
 
 def _drive(results: Iterator[dict], counts: RunCounts, progress: Callable[[str], None], max_error_ratio: float,
-           every_seconds: float = 5.0) -> bool:
-    """Consume shard results, printing progress; False if stopped for too many errors."""
+           still_held: Callable[[], None], every_seconds: float = 5.0) -> bool:
+    """Consume shard results, printing progress; False if stopped for too many errors.
+    `still_held` raises once the output's lease is lost (see lease.hold_lease)."""
     start = last = time.monotonic()
     for batch in results:
+        still_held()
         ok = int(batch["ok"].sum())
         counts.ok += ok
         counts.failed += len(batch["ok"]) - ok
@@ -241,12 +243,12 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     if next(iter_inputs(config.input, config.storage, config.output), None) is None:
         raise InputError(f"no images found under {config.input}")
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-    with hold_lease(store, run_id, started_at):
-        return _segment(config, store, model_dir, categories, run_id, started, started_at, progress)
+    with hold_lease(store, run_id, started_at) as still_held:
+        return _segment(config, store, model_dir, categories, run_id, started, started_at, progress, still_held)
 
 
 def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories: tuple[Category, ...], run_id: str,
-             started: float, started_at: str, progress: Callable[[str], None]) -> dict:
+             started: float, started_at: str, progress: Callable[[str], None], still_held: Callable[[], None]) -> dict:
     """The run proper, on an output it alone writes to."""
     # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start an embedded runtime
     # rather than attach to whatever /tmp/ray last pointed at (a killed run leaves a dead pointer).
@@ -271,9 +273,13 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
               "execution": asdict(config.execution), **settings}
     results = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
     try:
-        finished = _drive(results, counts, progress, config.max_error_ratio)
+        finished = _drive(results, counts, progress, config.max_error_ratio, still_held)
     except KeyboardInterrupt:  # the history keeps the run; its committed shards stay for a rerun
         record_run(store, record | {"interrupted": _utc(), "counts": {"ok": counts.ok, "failed": counts.failed}})
+        raise
+    except OutputBusy:  # another run took the output over: stop writing, and touch nothing of its
+        _stop(dataset, results)
+        record_run(store, record | {"lost_lease": _utc(), "counts": {"ok": counts.ok, "failed": counts.failed}})
         raise
     if not finished:
         _stop(dataset, results)

@@ -1,6 +1,7 @@
 """The driver loop: counts, timings, and the --max-error-ratio stop."""
 
 import numpy as np
+import pytest
 
 from pipeline.report import RunCounts
 from pipeline.run import MIN_IMAGES_FOR_ERROR_RATIO, _drive
@@ -14,7 +15,8 @@ def _batch(ok: list[bool]) -> dict:
 
 def test_counts_and_stage_seconds():
     counts = RunCounts()
-    assert _drive(iter([_batch([True, False]), _batch([True] * 3)]), counts, print, max_error_ratio=0.5)
+    assert _drive(iter([_batch([True, False]), _batch([True] * 3)]), counts, print, max_error_ratio=0.5,
+                  still_held=lambda: None)
     assert (counts.ok, counts.failed, counts.error_types["NotAnImage"]) == (4, 1, 1)
     assert counts.stage_seconds["seconds_infer"] == np.float64(0.2) * 5
 
@@ -22,7 +24,21 @@ def test_counts_and_stage_seconds():
 def test_stops_once_the_error_ratio_is_exceeded_and_not_before_enough_images():
     counts = RunCounts()
     bad = [_batch([False] * 5) for _ in range(10)]
-    assert not _drive(iter(bad), counts, print, max_error_ratio=0.5)
+    assert not _drive(iter(bad), counts, print, max_error_ratio=0.5, still_held=lambda: None)
     assert counts.processed == MIN_IMAGES_FOR_ERROR_RATIO  # stopped at the first check that counts
     counts = RunCounts()
-    assert _drive(iter([_batch([False] * 5)]), counts, print, max_error_ratio=0.5)  # too few to judge
+    assert _drive(iter([_batch([False] * 5)]), counts, print, max_error_ratio=0.5,
+                  still_held=lambda: None)  # too few to judge
+
+
+def test_a_lost_lease_stops_the_loop_at_the_next_result():
+    from pipeline.lease import OutputBusy
+
+    def lost() -> None:
+        if counts.processed:
+            raise OutputBusy("taken over")
+
+    counts = RunCounts()
+    with pytest.raises(OutputBusy):
+        _drive(iter([_batch([True] * 4) for _ in range(3)]), counts, print, max_error_ratio=0.5, still_held=lost)
+    assert counts.processed == 4

@@ -97,3 +97,26 @@ def test_overwrite_keeps_the_lease_of_the_run_that_clears(tmp_path):
         store.write_bytes("_state/runs/old.json", b"{}")
         clear_outputs(store)
         assert store.exists(LEASE) and not store.exists("_state/settings.json") and not store.exists("_state/runs")
+
+
+def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_new_lease_alone(tmp_path, monkeypatch):
+    """Unseen past the expiry (a suspended machine), the run finds another's lease at its next
+    renewal: it does not overwrite it, and its check says it must stop."""
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.05)
+    store = OutputStore(str(tmp_path))
+    with hold_lease(store, "mine", "now") as still_held:
+        still_held()  # held: no error
+        plant(store, "some-other-node", 12345, age=0, run_id="newer")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                still_held()
+            except OutputBusy as exc:
+                assert "run newer (on some-other-node, process 12345) took over" in str(exc)
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the takeover was never noticed")
+        time.sleep(0.2)  # renewals would have overwritten it by now
+        assert json.loads(store.read_bytes(LEASE))["run_id"] == "newer"
+    assert json.loads(store.read_bytes(LEASE))["run_id"] == "newer"  # ending the run leaves it too
