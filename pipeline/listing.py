@@ -216,7 +216,9 @@ def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig(),
         if kind == "manifest":
             folder = root.rsplit("/", 1)[0]
             for uri in _manifest_uris(fs, root):
-                yield _manifest_key(uri), _resolved(uri, folder, protocol)
+                resolved = _resolved(uri, folder, protocol)
+                # keyed by what it names: `x.jpg` in two manifests' folders are two images
+                yield _manifest_key(resolved), resolved
             return
         if kind == "image":
             yield safe_key(root.rsplit("/", 1)[-1]), input_uri

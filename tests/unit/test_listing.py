@@ -107,7 +107,7 @@ def test_relative_manifest_entries_are_relative_to_the_manifest(tmp_path, image_
     monkeypatch.chdir(image_dir)  # a worker's working directory has nothing to do with the manifest
     ((key, uri),) = iter_inputs(str(tmp_path / "lists" / "list.txt"))
     assert uri == str(tmp_path / image_dir.name / "img_0.jpg") and Path(uri).read_bytes()
-    assert key == f"%2E%2E/{image_dir.name}/img_0.jpg"
+    assert key == uri.lstrip("/")  # keyed by the file it names
 
 
 def test_symlinked_folders_are_followed_once(tmp_path, image_dir):
@@ -166,3 +166,15 @@ def test_an_output_inside_the_input_is_found_however_it_is_spelt(tmp_path, image
         assert len(keys) == 6 and not any(k.startswith("out/") for k in keys), output
     with pytest.raises(InputError, match="is the input folder itself"):
         list(iter_inputs(str(root), output=f"{root}/"))
+
+
+def test_relative_entries_of_manifests_in_two_folders_are_two_images(tmp_path, image_dir):
+    keys = set()
+    for day in ("day1", "day2"):
+        (tmp_path / day).mkdir()
+        (tmp_path / day / "x.jpg").write_bytes((image_dir / "img_0.jpg").read_bytes())
+        (tmp_path / day / "list.txt").write_text("x.jpg\n")
+        ((key, uri),) = iter_inputs(str(tmp_path / day / "list.txt"))
+        assert uri == str(tmp_path / day / "x.jpg") and key == uri.lstrip("/")
+        keys.add(key)
+    assert len(keys) == 2
