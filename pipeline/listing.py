@@ -24,6 +24,7 @@ IMAGE_EXTENSIONS = frozenset(
      ".heic", ".heif", ".avif", ".jp2"}  # the last four: an error row where Pillow lacks the decoder, not silence
 )
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".txt")
+LOCAL_PROTOCOLS = ("file", "local")  # fsspec's names for the local file system
 
 
 class InputError(ValueError):
@@ -91,12 +92,12 @@ def _list_folder(fs: fsspec.AbstractFileSystem, root: str, protocol: str, skip: 
             if _is_image(path) and not skipped(path):
                 yield safe_key(path[len(root) + 1:]), f"s3://{path}"
         return
-    walk = _local_walk(root, skip) if protocol in ("file", "local") else fs.walk(root)
+    walk = _local_walk(root, skip) if protocol in LOCAL_PROTOCOLS else fs.walk(root)
     for directory, _, files in walk:
         for name in sorted(files):
             path = f"{directory.rstrip('/')}/{name}"
             if _is_image(path) and not skipped(path):
-                uri = _text(path) if protocol in ("file", "local") else f"{protocol}://{path}"
+                uri = _text(path) if protocol in LOCAL_PROTOCOLS else f"{protocol}://{path}"
                 yield safe_key(path[len(root) + 1:]), uri
 
 
@@ -165,7 +166,7 @@ def _resolved(uri: str, folder: str, protocol: str) -> str:
     if "://" in uri or uri.startswith("/"):
         return uri
     path = posixpath.normpath(f"{folder}/{uri}")
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+    return path if protocol in LOCAL_PROTOCOLS else f"{protocol}://{path}"
 
 
 def _inside(output: str, storage: StorageConfig, fs: fsspec.AbstractFileSystem, root: str) -> str | None:
@@ -174,7 +175,7 @@ def _inside(output: str, storage: StorageConfig, fs: fsspec.AbstractFileSystem, 
     out_fs, out_root = file_system(output, storage, write=True)
     if _protocol(out_fs) != _protocol(fs):
         return None
-    if _protocol(fs) in ("file", "local"):
+    if _protocol(fs) in LOCAL_PROTOCOLS:
         out_root, root = os.path.realpath(out_root), os.path.realpath(root)
     prefix, folder = out_root.rstrip("/") + "/", root.rstrip("/") + "/"
     if prefix == folder:
@@ -202,7 +203,7 @@ def keys_root(input_uri: str, storage: StorageConfig = StorageConfig()) -> str:
     if kind == "manifest":
         return "manifest"
     folder = root.rsplit("/", 1)[0] if kind == "image" else root
-    return os.path.realpath(folder) if protocol in ("file", "local") else f"{protocol}://{folder.rstrip('/')}"
+    return os.path.realpath(folder) if protocol in LOCAL_PROTOCOLS else f"{protocol}://{folder.rstrip('/')}"
 
 
 def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig(),
