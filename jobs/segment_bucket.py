@@ -22,13 +22,14 @@ from pipeline.config import PostprocessConfig, canonical_tasks  # noqa: E402
 from pipeline.labels import LabelMapError  # noqa: E402
 from pipeline.lease import OutputBusy  # noqa: E402
 from pipeline.listing import InputError  # noqa: E402
+from pipeline.local_paths import NotOnEveryNode  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
 from pipeline.state import SettingsMismatch  # noqa: E402
 from pipeline.remote import StorageConfig, UnsupportedURL, redact, storage_error_message  # noqa: E402
 from pipeline.run import ClusterTooSmall, ExecutionConfig, RunConfig, TooManyErrors, run  # noqa: E402
 
 USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, TooManyErrors, ClusterTooSmall, OutputBusy,
-               UnsupportedURL)
+               UnsupportedURL, NotOnEveryNode)
 
 
 def user_error_message(exc: Exception) -> str | None:

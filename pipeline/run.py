@@ -10,7 +10,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,12 +18,14 @@ import ray
 from ray.data import ActorPoolStrategy
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.coco import rebuild
 from pipeline.config import InferenceConfig, PostprocessConfig, resolved_dtype
 from pipeline.labels import Category, load_categories
 from pipeline.lease import OutputBusy, hold_lease
 from pipeline.listing import InputError, iter_inputs, keys_root
+from pipeline.local_paths import absolute, check_every_node_sees, probes, seen
 from pipeline.model import BUNDLED, ModelSource, local_dir, model_labels, weights_digest
 from pipeline.pending import BLOCK_ROWS, PendingConfig, pending_blocks
 from pipeline.prepare import PrepareConfig
@@ -42,6 +44,7 @@ PREDICTOR_CPUS = 1.0
 # takes to list, and on a small node decoding could not start until listing ended.
 LISTING_CPUS = 0.25
 MAX_BLOCK_BYTES = 16 << 20  # about 17 decoded 640x480 images
+NODE_ANSWER_SECONDS = 60.0  # a node's first task may wait for a worker process to start
 WRITE_CPUS = 0.5
 
 
@@ -111,6 +114,35 @@ def _check_room(execution: ExecutionConfig, on_gpu: bool, can_grow: bool, progre
     if not can_grow:
         raise ClusterTooSmall(f"{message}: lower --concurrency")
     progress(f"warning: {message}; the run waits until the cluster grows")
+
+
+def _check_nodes_see(paths: list[tuple[str, str]], store: OutputStore, run_id: str,
+                     progress: Callable[[str], None]) -> None:
+    """On a cluster of several nodes, refuse the run unless each node sees the run's local paths
+    ((flag, path) pairs) and a file the driver writes in a local output as the driver does
+    (local_paths.py). Nodes that join the cluster later are not checked."""
+    nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")}
+    if len(nodes) < 2 or not (paths or store.is_local):
+        return
+    probe = f".probe-{run_id}"  # a new name: seen on a node only if that node shares the driver's disk
+    if store.is_local:
+        store.write_bytes(probe, b"")
+        paths = [*paths, ("--output", store.path(probe))]
+    try:
+        checks = probes(paths)
+        look = ray.remote(num_cpus=0)(seen)
+        answers = {f"{address} ({node_id[:8]})": look.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote([c.path for c in checks])
+            for node_id, address in nodes.items()}
+        ready, late = ray.wait(list(answers.values()), num_returns=len(answers), timeout=NODE_ANSWER_SECONDS)
+        if late:
+            progress(f"warning: {len(late)} of {len(nodes)} nodes did not say within {NODE_ANSWER_SECONDS:.0f} s "
+                     "whether they see the run's local paths")
+        answered = set(ready)
+        check_every_node_sees(checks, {node: ray.get(ref) for node, ref in answers.items() if ref in answered})
+    finally:
+        if store.is_local:
+            store.delete(probe)
 
 
 def _on_gpu() -> bool:
@@ -235,27 +267,40 @@ def _utc() -> str:
 def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     """Segment every not-yet-committed input; rebuild COCO JSON and report.json. Returns the report."""
     started, started_at = time.monotonic(), _utc()
+    # local paths as the driver means them: tasks run in other folders, on other machines
+    local_model = (config.model != BUNDLED and not ModelSource(config.model).is_remote_dir
+                   and Path(config.model.removeprefix("file://")).expanduser().is_dir())
+    config = replace(config, input=absolute(config.input), output=absolute(config.output),
+                     model=absolute(config.model) if local_model else config.model)
     store = OutputStore(config.output, config.storage)
     store.check_writable()
     model_dir = local_dir(ModelSource(config.model, config.storage))
     categories = load_categories(model_labels(model_dir), model_dir, config.label_map,
                                  config.storage.options(config.label_map or ""))
-    if next(iter_inputs(config.input, config.storage, config.output), None) is None:
+    first = next(iter_inputs(config.input, config.storage, config.output), None)
+    if first is None:
         raise InputError(f"no images found under {config.input}")
+    # what the run reads from local disks: the input, its first image (a manifest's entries are
+    # read where the manifest is not), the model's files
+    local = [("--input", path) for path in dict.fromkeys((config.input, first[1])) if "://" not in path]
+    if local_model:
+        local += [("--model", str(path)) for path in sorted(model_dir.iterdir()) if path.suffix in (".json", ".safetensors")]
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     with hold_lease(store, run_id, started_at) as still_held:
-        return _segment(config, store, model_dir, categories, run_id, started, started_at, progress, still_held)
+        return _segment(config, store, model_dir, categories, run_id, started, started_at, progress, still_held, local)
 
 
 def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories: tuple[Category, ...], run_id: str,
-             started: float, started_at: str, progress: Callable[[str], None], still_held: Callable[[], None]) -> dict:
-    """The run proper, on an output it alone writes to."""
+             started: float, started_at: str, progress: Callable[[str], None], still_held: Callable[[], None],
+             local: list[tuple[str, str]]) -> dict:
+    """The run proper, on an output it alone writes to; `local`: (flag, path) of its local inputs."""
     # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start an embedded runtime
     # rather than attach to whatever /tmp/ray last pointed at (a killed run leaves a dead pointer).
     ray.init(address=None if "RAY_ADDRESS" in os.environ else "local", ignore_reinit_error=True,
              log_to_driver=False, include_dashboard=False)
     on_gpu = _on_gpu()
     _check_room(config.execution, on_gpu, can_grow="RAY_ADDRESS" in os.environ, progress=progress)
+    _check_nodes_see(local, store, run_id, progress)
     if config.overwrite:
         clear_outputs(store)
     # `auto` recorded as the actors will run it: an output made on CPUs (float32) is then not
