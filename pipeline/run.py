@@ -171,7 +171,8 @@ def _plan(config: RunConfig, out: ShardOutput, dtype: str, on_gpu: bool) -> ray.
 
     execution = config.execution
     low, high = execution.concurrency
-    pending = PendingConfig(config.input, out.store, config.storage, config.limit, config.previews)
+    pending = PendingConfig(config.input, out.store, config.storage, config.limit, config.previews,
+                            committed=tuple(committed_parts(out.store)))
     prepare = PrepareConfig(storage=config.storage)
     inference = InferenceConfig(model=config.model, dtype=dtype, postprocess=config.postprocess,
                                 compile=execution.compile, storage=config.storage, actors=high)

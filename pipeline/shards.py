@@ -179,9 +179,10 @@ def _rows(store: OutputStore, parts: Sequence[str]) -> int:
     return sum(pq.read_metadata(io.BytesIO(data)).num_rows for data in _fetch(store, parts))
 
 
-def _committed(store: OutputStore, directory: str) -> list[str]:
-    """Paths of the committed parts of `directory` (IMAGES_DIR or ERRORS_DIR)."""
-    committed = set(committed_parts(store))
+def _committed(store: OutputStore, directory: str, parts: Sequence[str] | None = None) -> list[str]:
+    """Paths of the committed parts of `directory` (IMAGES_DIR or ERRORS_DIR): of those named in
+    `parts` if given, else of every committed shard."""
+    committed = set(committed_parts(store) if parts is None else parts)
     return [f"{directory}/{name}" for name in store.list(directory, PART_SUFFIX) if name in committed]
 
 
@@ -195,9 +196,11 @@ def forget_failures(store: OutputStore) -> int:
     return failed
 
 
-def iter_committed(store: OutputStore, directory: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Each committed part of `directory` (IMAGES_DIR or ERRORS_DIR) as a table."""
-    for data in _fetch(store, _committed(store, directory)):
+def iter_committed(store: OutputStore, directory: str, columns: list[str] | None = None,
+                   parts: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    """Each committed part of `directory` (IMAGES_DIR or ERRORS_DIR) as a table (of the shards
+    named `parts` if given)."""
+    for data in _fetch(store, _committed(store, directory, parts)):
         yield pq.read_table(io.BytesIO(data), columns=columns)
 
 
@@ -214,10 +217,10 @@ def committed_errors(store: OutputStore) -> Counter:
     return errors
 
 
-def committed_keys(store: OutputStore) -> set[str]:
-    """Every key whose result (segments or error) is committed."""
+def committed_keys(store: OutputStore, parts: Sequence[str] | None = None) -> set[str]:
+    """Every key whose result (segments or error) is committed, in the shards named `parts` if given."""
     keys: set[str] = set()
     for directory in (IMAGES_DIR, ERRORS_DIR):
-        for table in iter_committed(store, directory, columns=["key"]):
+        for table in iter_committed(store, directory, columns=["key"], parts=parts):
             keys.update(table.column("key").to_pylist())
     return keys

@@ -21,3 +21,19 @@ def test_pending_streams_uncommitted_keys_with_previews(tmp_path, image_dir):
     assert _keys(blocks) == all_keys[2:]
     assert [p for b in blocks for p in b["preview"].to_pylist()] == [True, True, True, False]
     assert _keys(pending_blocks(PendingConfig(str(image_dir), store, limit=3))) == all_keys[2:3]
+
+
+def test_a_read_task_run_again_streams_the_same_keys_though_shards_committed_meanwhile(tmp_path, image_dir):
+    """Ray reruns the read task when its worker dies and drops the blocks the first attempt
+    delivered: a stream shortened by this run's own commits would skip images."""
+    from pipeline.shards import committed_parts
+
+    store = OutputStore(str(tmp_path / "out"))
+    categories = (Category(0, 1, "sky", False, (0, 0, 255), ""), Category(1, 7, "disc", True, (255, 0, 0), ""))
+    write_shard(_batch(_keys(pending_blocks(PendingConfig(str(image_dir), store)))[:1]), ShardOutput(store, categories, "old", "m"))
+    config = PendingConfig(str(image_dir), store, committed=tuple(committed_parts(store)))
+    first_attempt = _keys(pending_blocks(config))
+    assert len(first_attempt) == 5
+    write_shard(_batch(first_attempt[:2]), ShardOutput(store, categories, "this-run", "m"))  # committed meanwhile
+    assert _keys(pending_blocks(config)) == first_attempt
+    assert _keys(pending_blocks(PendingConfig(str(image_dir), store))) == first_attempt[2:]  # a new run skips them
