@@ -26,7 +26,7 @@ from pipeline.local_paths import NotOnEveryNode  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
 from pipeline.state import SettingsMismatch  # noqa: E402
 from pipeline.remote import StorageConfig, UnsupportedURL, redact, storage_error_message  # noqa: E402
-from pipeline.run import ClusterTooSmall, ExecutionConfig, RunConfig, TooManyErrors, run  # noqa: E402
+from pipeline.run import ClusterTooSmall, ExecutionConfig, RunConfig, Terminated, TooManyErrors, run  # noqa: E402
 
 USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, TooManyErrors, ClusterTooSmall, OutputBusy,
                UnsupportedURL, NotOnEveryNode)
@@ -160,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(parse_args(argv))
     try:
         run(config)
-    except KeyboardInterrupt:
-        print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"{'terminated' if terminated else 'interrupted'}: committed shards are kept; rerun the same command "
+              "to resume", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as exc:
         message = user_error_message(exc)
         if message is None:

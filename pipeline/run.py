@@ -7,6 +7,8 @@ pending inputs (one streaming read task) -> prepare (CPU tasks) -> InferenceActo
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -200,6 +202,14 @@ def _plan(config: RunConfig, out: ShardOutput, dtype: str, on_gpu: bool) -> ray.
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as `timeout`, systemd, Slurm and Kubernetes stop a job: handled as Ctrl-C is."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 class TooManyErrors(RuntimeError):
     """More images failed than --max-error-ratio allows; what was done is committed."""
 
@@ -299,6 +309,9 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
     # rather than attach to whatever /tmp/ray last pointed at (a killed run leaves a dead pointer).
     ray.init(address=None if "RAY_ADDRESS" in os.environ else "local", ignore_reinit_error=True,
              log_to_driver=False, include_dashboard=False)
+    if threading.current_thread() is threading.main_thread():
+        # after ray.init: Ray's own handler exits at once, without the run's record, and dumps a stack
+        signal.signal(signal.SIGTERM, _terminate)
     on_gpu = _on_gpu()
     _check_room(config.execution, on_gpu, can_grow="RAY_ADDRESS" in os.environ, progress=progress)
     _check_nodes_see(local, store, run_id, progress)

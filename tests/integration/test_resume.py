@@ -236,7 +236,9 @@ def test_a_stop_for_too_many_errors_reports_what_was_committed(ray_runtime, tmp_
     assert report["run"]["failed"] == report["run"]["processed"] == report["dataset"]["errors"] == committed
 
 
-def test_ctrl_c_prints_one_line_keeps_the_run_in_the_history_and_resumes(scenes, tmp_path):
+@pytest.mark.parametrize("sig, status, line", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_prints_one_line_keeps_the_run_in_the_history_and_resumes(scenes, tmp_path, sig, status, line):
+    """Ctrl-C in a terminal, or SIGTERM from `timeout`, systemd, Slurm or Kubernetes."""
     images, output = tmp_path / "images", tmp_path / "out"
     images.mkdir()
     for path in sorted(scenes.iterdir())[:120]:
@@ -254,10 +256,11 @@ def test_ctrl_c_prints_one_line_keeps_the_run_in_the_history_and_resumes(scenes,
     while process.poll() is None and time.monotonic() < deadline and committed_rows(output) == 0:
         time.sleep(0.2)
     assert process.poll() is None, "the job ended before it could be interrupted"
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole process group
+    os.killpg(process.pid, sig)  # what Ctrl-C in a terminal (and a scheduler) sends: the whole process group
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
-    assert "Traceback" not in stderr and "interrupted: committed shards are kept" in stderr
+    assert process.returncode == status, stderr[-2000:]
+    assert "Traceback" not in stderr and f"{line}: committed shards are kept" in stderr
+    assert "SIGTERM received" not in stderr  # Ray's own handler's stack dump
     (record,) = [json.loads(p.read_text()) for p in (output / "_state" / "runs").glob("*.json")]
     assert record["interrupted"] and "finished" not in record
     assert 0 < committed_rows(output) < 120
