@@ -13,10 +13,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from ray.exceptions import RayError  # noqa: E402
 
 from pipeline.config import PostprocessConfig, canonical_tasks  # noqa: E402
 from pipeline.labels import LabelMapError  # noqa: E402
@@ -24,16 +28,39 @@ from pipeline.lease import OutputBusy  # noqa: E402
 from pipeline.listing import InputError  # noqa: E402
 from pipeline.local_paths import NotOnEveryNode  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
-from pipeline.state import SettingsMismatch  # noqa: E402
+from pipeline.state import NotAnOutput, SettingsMismatch  # noqa: E402
 from pipeline.remote import StorageConfig, UnsupportedURL, redact, storage_error_message  # noqa: E402
 from pipeline.run import ClusterTooSmall, ExecutionConfig, RunConfig, Terminated, TooManyErrors, run  # noqa: E402
 
 USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, TooManyErrors, ClusterTooSmall, OutputBusy,
-               UnsupportedURL, NotOnEveryNode)
+               UnsupportedURL, NotOnEveryNode, NotAnOutput)
 
 
-def user_error_message(exc: Exception) -> str | None:
+def user_error_message(exc: BaseException) -> str | None:
     """One line for a mistake the user can fix (bad input, model, storage); None for a bug."""
+    if isinstance(exc, RayError):
+        return _remote_user_error(str(exc))
+    return _user_error_message(exc)
+
+
+# the last line of a Python traceback: "[pipeline.module.]ErrorName: message"
+_RAISED = re.compile(r"^(?:pipeline\.\w+\.)?(\w+): (.+)$", re.MULTILINE)
+_OS_ERRORS = {"OSError", *(c.__name__ for c in (PermissionError, FileNotFoundError, IsADirectoryError,
+                                              NotADirectoryError, FileExistsError, ConnectionError, TimeoutError))}
+
+
+def _remote_user_error(text: str) -> str | None:
+    """A user mistake raised in a Ray task or actor (a listing refused, a model that cannot be
+    loaded, a full disk under a write task): Ray passes it on as the text of its traceback."""
+    for name, message in reversed(_RAISED.findall(text)):
+        if name in {e.__name__ for e in USER_ERRORS}:
+            return message
+        if name in _OS_ERRORS:
+            return f"{name}: {message}"
+    return None
+
+
+def _user_error_message(exc: BaseException) -> str | None:
     if isinstance(exc, USER_ERRORS):
         return str(exc)
     storage = storage_error_message(exc)
@@ -46,12 +73,23 @@ def user_error_message(exc: Exception) -> str | None:
     return None
 
 
+def _number(text: str, kind: type, ok: Callable[[Any], bool], expected: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(expected)
+    return value
+
+
 def _concurrency(text: str) -> tuple[int, int]:
-    parts = [int(p) for p in text.split(",")]
+    expected = "expected N or MIN,MAX with 1 <= MIN <= MAX"
+    parts = [_number(p, int, lambda _: True, expected) for p in text.split(",")]
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
-        raise argparse.ArgumentTypeError("expected N or MIN,MAX with 1 <= MIN <= MAX")
+        raise argparse.ArgumentTypeError(expected)
     return parts[0], parts[1]
 
 
@@ -70,36 +108,33 @@ def _tasks(text: str) -> tuple[str, ...]:
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError("expected a number between 0 and 1")
-    return value
+    return _number(text, float, lambda v: 0.0 <= v <= 1.0, "expected a number between 0 and 1")
 
 
 def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("expected a positive integer")
-    return value
+    return _number(text, int, lambda v: v >= 1, "expected a positive integer")
 
 
 def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("expected 0 or a positive integer")
-    return value
+    return _number(text, int, lambda v: v >= 0, "expected 0 or a positive integer")
+
+
+def _path(text: str) -> str:
+    if not text.strip():  # an unset shell variable: would mean the current folder
+        raise argparse.ArgumentTypeError("expected a path or URL, got an empty string")
+    return text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True,
+    p.add_argument("--input", required=True, type=_path,
                    help="folder of images (local path or fsspec URL such as s3://bucket/prefix), or a "
                         "manifest file of URIs (.parquet with a 'uri' column, .csv, or .txt one per line)")
-    p.add_argument("--output", required=True, help="output folder (local path or fsspec URL); rerun to resume")
-    p.add_argument("--model", default=BUNDLED,
+    p.add_argument("--output", required=True, type=_path, help="output folder (local path or fsspec URL); rerun to resume")
+    p.add_argument("--model", default=BUNDLED, type=_path,
                    help="checkpoint: a Hugging Face hub id (e.g. facebook/maskformer-swin-base-coco), a local "
                         "directory, or an s3:// directory; safetensors only (default: the bundled model)")
-    p.add_argument("--label-map", help="JSON label map giving isthing/COCO id/colour per model label "
+    p.add_argument("--label-map", type=_path, help="JSON label map giving isthing/COCO id/colour per model label "
                                        "(default: the checkpoint's label_map.json, else the COCO panoptic map)")
     p.add_argument("--endpoint-url", default=None,
                    help="S3-compatible endpoint for s3:// URLs (default: AWS, or $AWS_ENDPOINT_URL)")
@@ -155,6 +190,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    # Ray Data logs the stack trace of an error that ends the plan (a write task's full disk, an
+    # actor that cannot load the model) before re-raising it: here it becomes one error line, or,
+    # for a bug, Python's own traceback
+    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     config = config_from_args(parse_args(argv))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Mapping
 
 LABEL_MAP_FILE = "label_map.json"
+MAX_CATEGORY_ID = 65535  # semantic PNGs hold category ids in 16 bits at most
 COCO_PANOPTIC_MAP = Path(__file__).parent / "data" / "coco_panoptic_label_map.json"
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,30 @@ class LabelMapError(ValueError):
     """A label map that does not fit the checkpoint."""
 
 
+def _category(e: dict) -> Category:
+    """One label map entry, strictly: a map that says "isthing": "no" or a 2-number colour would
+    otherwise become a thing or a broken COCO category in every output."""
+    if not isinstance(e["name"], str) or not isinstance(e.get("supercategory", ""), str):
+        raise ValueError(f"name and supercategory must be strings: {e}")
+    if e["isthing"] not in (0, 1) or isinstance(e["isthing"], float):  # True and False are 1 and 0
+        raise ValueError(f"isthing must be 0, 1, true or false: {e}")
+    color = e.get("color", [0, 0, 0])
+    if not (isinstance(color, list) and len(color) == 3 and all(type(c) is int and 0 <= c <= 255 for c in color)):
+        raise ValueError(f"color must be 3 integers from 0 to 255: {e}")
+    if not (type(e["label_id"]) is int and type(e["id"]) is int and 0 < e["id"] <= MAX_CATEGORY_ID):
+        raise ValueError(f"label_id must be an integer and id one from 1 to {MAX_CATEGORY_ID}: {e}")
+    return Category(e["label_id"], e["id"], e["name"], bool(e["isthing"]), tuple(color), e.get("supercategory", ""))
+
+
 def _parse(text: str, source: str) -> list[Category]:
     try:
-        entries = json.loads(text)["categories"]
-        return [
-            Category(int(e["label_id"]), int(e["id"]), str(e["name"]), bool(e["isthing"]),
-                     tuple(int(c) for c in e.get("color", (0, 0, 0)))[:3], str(e.get("supercategory", "")))
-            for e in entries
-        ]
+        categories = [_category(e) for e in json.loads(text)["categories"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise LabelMapError(f"label map {source} is not valid: {exc!r}") from exc
+    repeated = sorted({c.label_id for c in categories if [d.label_id for d in categories].count(c.label_id) > 1})
+    if repeated:
+        raise LabelMapError(f"label map {source} has several entries for label ids {repeated[:10]}")
+    return categories
 
 
 def _fallback(id2label: Mapping[int, str]) -> list[Category]:
@@ -81,8 +96,13 @@ def load_categories(id2label: Mapping[int, str], model_dir: Path, label_map: str
     if label_map is not None:
         import fsspec
 
-        with fsspec.open(label_map, "rt", **(storage_options or {})) as f:
-            return _check(_parse(f.read(), label_map), id2label, label_map)
+        with fsspec.open(label_map, "rb", **(storage_options or {})) as f:
+            data = f.read()
+        try:
+            text = data.decode()
+        except UnicodeDecodeError as exc:
+            raise LabelMapError(f"label map {label_map} is not UTF-8 text: {exc}") from exc
+        return _check(_parse(text, label_map), id2label, label_map)
     local = model_dir / LABEL_MAP_FILE
     if local.is_file():
         return _check(_parse(local.read_text(), str(local)), id2label, str(local))

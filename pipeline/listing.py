@@ -112,8 +112,12 @@ def _local_walk(root: str, skip: str | None) -> Iterator[tuple[str, list[str], l
     """`os.walk` that follows symlinked folders (a dataset assembled from links is common), each
     real folder once, so a link cycle ends; folders in name order, so listings are stable. The
     folder `skip` (a resolved path plus "/") is not entered, by whatever path it is reached."""
+    def unlistable(error: OSError) -> None:  # os.walk would skip the folder, and its images unseen
+        raise InputError(f"cannot list folder {_text(error.filename)}: {error.strerror}; fix its permissions, "
+                         "or give the images to segment in a manifest")
+
     visited: set[str] = set()
-    for directory, folders, files in os.walk(root, followlinks=True):
+    for directory, folders, files in os.walk(root, onerror=unlistable, followlinks=True):
         real = os.path.realpath(directory)
         if real in visited or (skip and f"{real}/".startswith(skip)):
             folders[:] = []
@@ -126,11 +130,15 @@ def _local_walk(root: str, skip: str | None) -> Iterator[tuple[str, list[str], l
 def _manifest_uris(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
     kind = path.lower()
     if kind.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         column = "uri" if "uri" in table.column_names else table.column_names[0]
+        if not (pa.types.is_string(table.schema.field(column).type) or pa.types.is_large_string(table.schema.field(column).type)):
+            raise InputError(f"manifest {path}: column {column!r} holds {table.schema.field(column).type}, not URIs "
+                             "(name the column of URIs 'uri')")
         yield from (u for u in table.column(column).to_pylist() if u)
         return
     with fs.open(path, "rt") as f:

@@ -23,6 +23,7 @@ SUPPORTED_MODEL_TYPES = ("maskformer", "mask2former")
 BUNDLED = "bundled"  # the trained checkpoint shipped in the package, found on every node
 BUNDLED_DIR = Path(__file__).parent / "data" / "model"
 _FILES = ("*.json", "*.safetensors")
+PROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 class ModelError(ValueError):
@@ -107,6 +108,8 @@ def local_dir(source: ModelSource) -> Path:
             + (" (only pickle .bin files, which are refused: convert them to safetensors)" if pickled else "")
         )
     _check_weights(source.uri, directory)
+    if not (directory / PROCESSOR_CONFIG).is_file():  # found here, not when every inference actor dies
+        raise ModelError(f"model {source.uri!r} has no {PROCESSOR_CONFIG} (the image processor's settings)")
     return directory
 
 
@@ -153,6 +156,16 @@ def model_labels(directory: Path) -> dict[int, str]:
         raise ModelError(f"model type {config.get('model_type')!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     return labels
+
+
+def load_model_and_processor(directory: Path, device: str) -> tuple[Any, Any]:
+    """`load_model` and `load_processor`, a failure of either as a ModelError: weights that do not
+    fit the config, a processor config transformers cannot read."""
+    try:
+        return load_model(directory, device), load_processor(directory)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelError(f"model in {directory} cannot be loaded: {type(exc).__name__}: {first_line}") from exc
 
 
 def load_model(directory: Path, device: str) -> Any:

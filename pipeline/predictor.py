@@ -21,7 +21,7 @@ from pipeline.config import DTYPES as DTYPE_NAMES, InferenceConfig, resolved_dty
 from pipeline.encode import smallest_id_dtype
 from pipeline.failures import INFER
 from pipeline.memory import release_free_memory, reuse_freed_memory
-from pipeline.model import ModelSource, load_model, load_processor, local_dir
+from pipeline.model import ModelSource, load_model_and_processor, local_dir
 from pipeline.postprocess import panoptic_segmentation, semantic_segmentation
 from pipeline.postprocess_instance import instance_segmentation
 from pipeline.preprocess import resize_for_model
@@ -107,8 +107,7 @@ class Predictor:
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads(config.actors))
         directory = local_dir(ModelSource(config.model, config.storage))
-        self.processor = load_processor(directory)
-        self.model = load_model(directory, self.device)
+        self.model, self.processor = load_model_and_processor(directory, self.device)
         if config.compile:
             # dynamic sizes: a batch holds several image shapes and every group a different size,
             # so one compile serves all but groups of one image (torch specialises size 1)

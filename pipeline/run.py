@@ -28,7 +28,7 @@ from pipeline.labels import Category, load_categories
 from pipeline.lease import OutputBusy, hold_lease
 from pipeline.listing import InputError, iter_inputs, keys_root
 from pipeline.local_paths import absolute, check_every_node_sees, probes, seen
-from pipeline.model import BUNDLED, ModelSource, local_dir, model_labels, weights_digest
+from pipeline.model import BUNDLED, ModelError, ModelSource, local_dir, model_labels, weights_digest
 from pipeline.pending import BLOCK_ROWS, PendingConfig, pending_blocks
 from pipeline.prepare import PrepareConfig
 from pipeline.previews import PREVIEWS_DIR, write_index
@@ -286,8 +286,12 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     store = OutputStore(config.output, config.storage)
     store.check_writable()
     model_dir = local_dir(ModelSource(config.model, config.storage))
-    categories = load_categories(model_labels(model_dir), model_dir, config.label_map,
-                                 config.storage.options(config.label_map or ""))
+    labels = model_labels(model_dir)
+    unknown = sorted(config.postprocess.label_ids_to_fuse - set(labels))
+    if unknown:
+        raise ModelError(f"--label-ids-to-fuse: the model has no label ids {unknown} (its label ids: "
+                         f"{min(labels)} to {max(labels)}; label ids are the model's, not COCO category ids)")
+    categories = load_categories(labels, model_dir, config.label_map, config.storage.options(config.label_map or ""))
     first = next(iter_inputs(config.input, config.storage, config.output), None)
     if first is None:
         raise InputError(f"no images found under {config.input}")
@@ -364,4 +368,8 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
             f"{config.max_error_ratio}); what was done is committed, see {config.output}/tables/errors")
     progress(f"done: {counts.ok} segmented, {counts.failed} failed, {counts.committed_before} done before, "
              f"{counts.images_per_second:.2f} images/s; outputs under {config.output}")
+    if counts.failed:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in counts.error_types.most_common())
+        progress(f"failed images by error: {kinds}; one row per image, with its message, in "
+                 f"{store.url('tables/errors')} (totals in report.json)")
     return report

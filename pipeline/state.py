@@ -62,9 +62,20 @@ def check_settings(store: OutputStore, fingerprint: dict, committed: bool) -> No
         )
 
 
+class NotAnOutput(ValueError):
+    """--overwrite on a folder that holds files of the names a run writes, but no run made it."""
+
+
 def clear_outputs(store: OutputStore) -> None:
-    """Delete everything a run writes under the output (for --overwrite)."""
+    """Delete everything a run writes under the output (for --overwrite); NotAnOutput, deleting
+    nothing, if the folder holds such names but no run of this pipeline made it (a mistyped
+    --output must not cost a user their own coco/ or tables/)."""
     fs = store.fs
+    present = [name for name in (*OUTPUT_DIRS, *OUTPUT_FILES) if store.exists(name)]
+    if present and not store.exists(SETTINGS) and not store.list(RUNS_DIR):
+        raise NotAnOutput(
+            f"--overwrite: {store.root} holds {', '.join(present)} but is not an output of this pipeline "
+            f"(it has no {SETTINGS}): nothing was deleted; choose another --output")
     for name in OUTPUT_DIRS:
         if store.exists(name):
             fs.rm(store.path(name), recursive=True)

@@ -47,11 +47,15 @@ class OutputStore:
         if self.is_local:
             os.makedirs(posixpath.dirname(target), exist_ok=True)
             temporary = f"{target}.{uuid.uuid4().hex}.tmp"
-            with open(temporary, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, target)
+            try:
+                with open(temporary, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(temporary, target)
+            finally:  # a full disk: no half-written temporary left beside the outputs
+                if os.path.exists(temporary):
+                    os.remove(temporary)
         else:
             fs.pipe_file(target, data)
 

@@ -123,11 +123,16 @@ def test_good_images_are_unaffected_by_bad_neighbours(runs):
 def test_report_counts_errors(runs):
     import json
 
-    _, mixed, _ = runs
+    _, mixed, lines = runs
     report = json.loads((mixed / "report.json").read_text())
     assert report["run"]["failed"] == len(BROKEN)
     assert report["dataset"]["errors"] == len(BROKEN)
     assert report["run"]["error_types"]["TooManyPixels"] == 1
+    # the console says why and where to look, after the done line of the mixed run
+    (summary,) = [line for line in lines if line.startswith("failed images by error: ")]
+    for kind, n in report["run"]["error_types"].items():
+        assert f"{kind} {n}" in summary
+    assert f"{mixed}/tables/errors" in summary
 
 
 def test_no_secret_in_any_output_or_log(runs):

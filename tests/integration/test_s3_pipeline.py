@@ -156,7 +156,8 @@ def test_new_weights_at_the_same_s3_uri_are_copied_again(s3_server, monkeypatch,
     monkeypatch.setenv("PANOPTIC_MODEL_CACHE", str(tmp_path / "cache"))
     fs = s3_server.filesystem()
     fs.mkdir("updated")
-    fs.put(str(untrained_model / "config.json"), "updated/m/config.json")
+    for name in ("config.json", "preprocessor_config.json"):
+        fs.put(str(untrained_model / name), f"updated/m/{name}")
     (weights,) = untrained_model.glob("*.safetensors")
     fs.put(str(weights), f"updated/m/{weights.name}")
     source = ModelSource("s3://updated/m", StorageConfig(endpoint_url=s3_server.endpoint))

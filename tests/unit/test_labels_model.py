@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -32,6 +33,35 @@ def test_user_label_map_must_cover_every_label(tmp_path):
     path.write_text(json.dumps({"categories": [{"label_id": 0, "id": 7, "name": "a", "isthing": 1}]}))
     with pytest.raises(LabelMapError, match=r"\[1\]"):
         load_categories({0: "a", 1: "b"}, tmp_path, str(path))
+
+
+GOOD_ENTRY = {"label_id": 0, "id": 7, "name": "a", "isthing": 1, "color": [1, 2, 3], "supercategory": "s"}
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"isthing": "no"}, "isthing must be"), ({"isthing": 0.5}, "isthing must be"),
+    ({"color": [1, 2]}, "color must be"), ({"color": [300, -5, 0]}, "color must be"),
+    ({"color": [1.5, 2, 3]}, "color must be"), ({"name": None}, "name and supercategory must be strings"),
+    ({"id": 70000}, "id one from 1 to 65535"), ({"label_id": "0"}, "label_id must be an integer"),
+])
+def test_label_map_entries_are_checked_strictly(tmp_path, change, error):
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"categories": [GOOD_ENTRY | change]}))
+    with pytest.raises(LabelMapError, match=error):
+        load_categories({0: "a"}, tmp_path, str(path))
+
+
+def test_label_map_repeats_and_non_utf8_text_are_refused_and_a_good_map_is_read(tmp_path):
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"categories": [GOOD_ENTRY, GOOD_ENTRY | {"id": 8, "name": "b"}]}))
+    with pytest.raises(LabelMapError, match=r"several entries for label ids \[0\]"):
+        load_categories({0: "a"}, tmp_path, str(path))
+    path.write_bytes(b'{"categories": [{"name": "caf\xe9"}]}')
+    with pytest.raises(LabelMapError, match="not UTF-8"):
+        load_categories({0: "a"}, tmp_path, str(path))
+    path.write_text(json.dumps({"categories": [GOOD_ENTRY | {"isthing": False}]}))
+    (category,) = load_categories({0: "a"}, tmp_path, str(path))
+    assert (category.id, category.isthing, category.color, category.supercategory) == (7, False, (1, 2, 3), "s")
 
 
 @pytest.mark.parametrize("config, error", [({"model_type": "bert", "id2label": {"0": "a"}}, "'bert' is not supported"),
@@ -77,3 +107,20 @@ def test_truncated_weights_are_a_clear_error_before_the_run(untrained_model, tmp
     (directory / weights.name).write_bytes(weights.read_bytes()[:100_000])  # a copy cut short
     with pytest.raises(ModelError, match="not a readable safetensors file"):
         local_dir(ModelSource(str(directory)))
+
+
+def test_a_checkpoint_the_actors_could_not_load_is_a_model_error(untrained_model, tmp_path):
+    from pipeline.model import BUNDLED_DIR, load_model_and_processor
+
+    no_processor = tmp_path / "no_processor"
+    no_processor.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(BUNDLED_DIR / name, no_processor / name)
+    with pytest.raises(ModelError, match="has no preprocessor_config.json"):
+        local_dir(ModelSource(str(no_processor)))
+
+    mismatched = tmp_path / "mismatched"  # another architecture's config beside the bundled weights
+    shutil.copytree(untrained_model, mismatched)
+    shutil.copy(BUNDLED_DIR / "model.safetensors", mismatched / "model.safetensors")
+    with pytest.raises(ModelError, match=r"cannot be loaded: RuntimeError: .*mismatched"):
+        load_model_and_processor(local_dir(ModelSource(str(mismatched))), "cpu")

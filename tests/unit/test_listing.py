@@ -178,3 +178,35 @@ def test_relative_entries_of_manifests_in_two_folders_are_two_images(tmp_path, i
         assert uri == str(tmp_path / day / "x.jpg") and key == uri.lstrip("/")
         keys.add(key)
     assert len(keys) == 2
+
+
+def test_a_parquet_manifest_whose_uri_column_is_not_text_is_an_input_error(tmp_path):
+    pq.write_table(pa.table({"id": [1, 2], "path": ["a.jpg", "b.jpg"]}), tmp_path / "list.parquet")
+    with pytest.raises(InputError, match=r"column 'id' holds int64, not URIs"):
+        list(iter_inputs(str(tmp_path / "list.parquet")))
+
+
+def test_a_sub_folder_that_cannot_be_listed_is_an_input_error_not_skipped(tmp_path):
+    """os.walk skips a folder it cannot list, and its images would go unseen. Root reads any
+    folder, so the listing runs without the capability that allows it (setpriv) when root."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "in" / "locked").mkdir(parents=True)
+    (tmp_path / "in" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "in" / "locked" / "b.jpg").write_bytes(b"x")
+    (tmp_path / "in" / "locked").chmod(0)
+    command = [sys.executable, "-c", "import sys; from pipeline.listing import iter_inputs; "
+               f"print(list(iter_inputs({str(tmp_path / 'in')!r})))"]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root reads every folder, and setpriv is not here to drop that capability")
+        command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
+    try:
+        listed = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    finally:
+        (tmp_path / "in" / "locked").chmod(0o755)
+    assert listed.returncode != 0, listed.stdout
+    assert "InputError: cannot list folder " in listed.stderr and "locked: Permission denied" in listed.stderr

@@ -43,6 +43,7 @@ def test_a_clear_cut_off_never_leaves_a_commit_record_without_its_pngs(tmp_path,
     store = OutputStore(str(tmp_path))
     store.write_bytes("panoptic/a.jpg.png", b"png")
     store.write_bytes("tables/images/part.parquet", b"commit record")
+    store.write_bytes("_state/settings.json", b"{}")
     rm = store.fs.rm
 
     def rm_once_then_interrupt(path, recursive=False):

@@ -1,0 +1,78 @@
+"""User mistakes the job meets before or while it runs: one `error:` line, exit status 2, no traceback.
+
+Those found in a Ray task or actor (a model the actors cannot load, a disk that fills up under
+the write tasks) reach the driver as the text of their traceback only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.model import BUNDLED_DIR
+
+JOB = Path(__file__).resolve().parents[2] / "jobs" / "segment_bucket.py"
+SAMPLES = BUNDLED_DIR.parent / "samples"
+
+
+def job(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if "error:" in line and "ERROR" not in line]
+    return line
+
+
+@pytest.mark.parametrize("flag", ["--input", "--output", "--model", "--label-map"])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, flag):
+    args = {"--input": str(SAMPLES), "--output": str(tmp_path / "out")} | {flag: ""}
+    line = one_error_line(job(*[item for pair in args.items() for item in pair]))
+    assert f"argument {flag}: expected a path or URL, got an empty string" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_refuses_a_folder_no_run_made_and_deletes_nothing(tmp_path):
+    folder = tmp_path / "mine"
+    for name in ("coco/my_annotations.json", "tables/budget.csv", "report.json"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("precious")
+    line = one_error_line(job("--input", str(SAMPLES), "--output", str(folder), "--overwrite"))
+    assert "--overwrite" in line and "is not an output of this pipeline" in line and "nothing was deleted" in line
+    for name in ("coco/my_annotations.json", "tables/budget.csv", "report.json"):
+        assert (folder / name).read_text() == "precious"
+
+
+def test_label_ids_to_fuse_the_model_lacks_are_refused(tmp_path):
+    line = one_error_line(job("--input", str(SAMPLES), "--output", str(tmp_path / "out"), "--label-ids-to-fuse", "1,99"))
+    assert "--label-ids-to-fuse: the model has no label ids [99] (its label ids: 0 to 4" in line
+
+
+def test_a_model_the_inference_actors_cannot_load(tmp_path, untrained_model):
+    mismatched = tmp_path / "mismatched"  # another architecture's config beside the bundled weights
+    shutil.copytree(untrained_model, mismatched)
+    shutil.copy(BUNDLED_DIR / "model.safetensors", mismatched / "model.safetensors")
+    line = one_error_line(job("--input", str(SAMPLES), "--output", str(tmp_path / "out"), "--model", str(mismatched)))
+    assert line.startswith(f"error: model in {mismatched} cannot be loaded: RuntimeError: ")
+
+
+def test_a_disk_that_fills_up_under_the_write_tasks(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here to fill up")
+    try:
+        (disk / "filler").write_bytes(b"\0" * 70_000)
+        line = one_error_line(job("--input", str(SAMPLES), "--output", str(disk / "out"), "--shard-size", "2"))
+        assert line == "error: OSError: [Errno 28] No space left on device"
+        assert not list(disk.rglob("*.tmp"))  # no half-written temporaries beside the outputs
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
