@@ -22,8 +22,9 @@ from pipeline.storage import OutputStore
 LEASE = "_state/lease.json"
 RENEW_SECONDS = 15.0
 EXPIRES_SECONDS = 90.0
-# Two runs that start at once both find no lease and both write one: the later write wins, and
-# each reads the lease back after this long to learn whether it was the later one.
+# Two runs that take over an expired lease at once both write theirs: the later write wins, and
+# each reads the lease back after this long to learn whether it was the later one. (Of two runs
+# that find no lease, the store lets only one create it.)
 SETTLE_SECONDS = 0.5
 
 
@@ -82,10 +83,17 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
         raise _busy(store, holder, time.time())
     lease = {"run_id": run_id, "started": started, "host": socket.gethostname(), "pid": os.getpid()}
 
-    def renew() -> None:
-        store.write_bytes(LEASE, json.dumps(lease | {"renewed": time.time()}).encode())
+    def renewed() -> bytes:
+        return json.dumps(lease | {"renewed": time.time()}).encode()
 
-    renew()
+    def renew() -> None:
+        store.write_bytes(LEASE, renewed())
+
+    if not store.create_bytes(LEASE, renewed()):  # a lease is there: an expired one, or a rival's just made
+        holder = _holder(store, time.time())
+        if holder is not None:
+            raise _busy(store, holder, time.time())
+        renew()
     time.sleep(SETTLE_SECONDS)
     holder = _holder(store, time.time())
     if holder is not None and holder["run_id"] != run_id:

@@ -285,6 +285,8 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
                      model=absolute(config.model) if local_model else config.model)
     store = OutputStore(config.output, config.storage)
     store.check_writable()
+    if config.model != BUNDLED and not local_model:  # minutes for a large checkpoint, with no other output
+        progress(f"model {config.model}: fetching it, or reading this machine's cached copy")
     model_dir = local_dir(ModelSource(config.model, config.storage))
     labels = model_labels(model_dir)
     unknown = sorted(config.postprocess.label_ids_to_fuse - set(labels))

@@ -59,6 +59,29 @@ class OutputStore:
         else:
             fs.pipe_file(target, data)
 
+    def create_bytes(self, relative: str, data: bytes) -> bool:
+        """Write `data` only if no file is there, even one another writer creates at this moment;
+        False if one is. Exclusive on a local disk and on object stores that honour
+        `If-None-Match` (AWS S3, SeaweedFS, MinIO); others write unconditionally."""
+        target = self.path(relative)
+        try:
+            if self.is_local:
+                os.makedirs(posixpath.dirname(target), exist_ok=True)
+                with open(target, "xb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            else:
+                with self.fs.open(target, "xb") as f:
+                    f.write(data)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if "pre-condition" not in str(exc):  # SeaweedFS's 412 does not name its condition
+                raise
+            return False
+        return True
+
     @contextmanager
     def open_atomic(self, relative: str) -> Iterator[IO[bytes]]:
         """A binary stream for a large file that appears whole, or not at all, when closed.

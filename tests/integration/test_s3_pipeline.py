@@ -146,6 +146,29 @@ def test_s3_atomic_write_publishes_nothing_when_the_writer_fails(s3_server, monk
     assert fs.cat(f"{bucket}/run/coco/panoptic.json") == b"y" * size
 
 
+def test_s3_create_bytes_is_exclusive_and_two_runs_found_no_lease_one_gets_it(s3_server, monkeypatch):
+    """The lease's creation is a conditional PUT (If-None-Match), refused when the object exists."""
+    from pipeline import lease
+    from pipeline.remote import StorageConfig
+    from pipeline.storage import OutputStore
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, s3_server.env()[name])
+    s3_server.filesystem().mkdir("leases")
+    store = OutputStore("s3://leases/run", StorageConfig(endpoint_url=s3_server.endpoint))
+    assert store.create_bytes("_state/x.json", b"first") and not store.create_bytes("_state/x.json", b"second")
+    assert store.read_bytes("_state/x.json") == b"first"
+
+    monkeypatch.setattr(lease, "SETTLE_SECONDS", 0.0)  # the store alone decides
+    with lease.hold_lease(store, "first", "now"):
+        holder, looks = lease._holder, []  # the second run looked before the first had created its lease
+        monkeypatch.setattr(lease, "_holder", lambda *a: holder(*a) if looks.append(1) or len(looks) > 1 else None)
+        with pytest.raises(lease.OutputBusy, match="run first"):
+            with lease.hold_lease(store, "second", "now"):
+                pass
+        assert json.loads(store.read_bytes(lease.LEASE))["run_id"] == "first"
+
+
 def test_new_weights_at_the_same_s3_uri_are_copied_again(s3_server, monkeypatch, tmp_path, untrained_model):
     """A scheduled job's model directory updated in place: the cache must not serve the old weights."""
     from pipeline.model import ModelSource, local_dir, weights_digest

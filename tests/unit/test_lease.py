@@ -90,6 +90,26 @@ def test_a_run_that_loses_a_simultaneous_start_refuses(tmp_path, monkeypatch):
     assert json.loads(store.read_bytes(LEASE))["run_id"] == "rival"
 
 
+def test_a_run_that_finds_no_lease_but_loses_its_creation_refuses_without_touching_it(tmp_path, monkeypatch):
+    """The rival created its lease between this run's look and its write: the store refuses the
+    second creation, whatever the timing (no settling wait decides it)."""
+    store = OutputStore(str(tmp_path))
+    plant(store, "some-other-node", 1, age=0, run_id="rival")
+    holder, looks = lease._holder, []
+    monkeypatch.setattr(lease, "_holder", lambda *a: holder(*a) if looks.append(1) or len(looks) > 1 else None)
+    before = store.read_bytes(LEASE)
+    with pytest.raises(OutputBusy, match="rival"):
+        with hold_lease(store, "mine", "now"):
+            pass
+    assert store.read_bytes(LEASE) == before
+
+
+def test_create_bytes_writes_once(tmp_path):
+    store = OutputStore(str(tmp_path))
+    assert store.create_bytes("_state/x.json", b"first") and not store.create_bytes("_state/x.json", b"second")
+    assert store.read_bytes("_state/x.json") == b"first"
+
+
 def test_overwrite_keeps_the_lease_of_the_run_that_clears(tmp_path):
     store = OutputStore(str(tmp_path))
     with hold_lease(store, "mine", "now"):
