@@ -34,8 +34,8 @@ from pipeline.prepare import PrepareConfig
 from pipeline.previews import PREVIEWS_DIR, write_index
 from pipeline.remote import StorageConfig
 from pipeline.report import RunCounts, build_report, write_report
-from pipeline.shards import (STAGE_SECONDS, ShardOutput, committed_count, committed_errors, committed_parts,
-                             forget_failures, remove_uncommitted)
+from pipeline.shards import (STAGE_SECONDS, ShardOutput, committed_count, committed_counts, committed_errors,
+                             committed_parts, forget_failures, remove_uncommitted)
 from pipeline.state import check_settings, clear_outputs, record_run
 from pipeline.storage import OutputStore
 
@@ -167,14 +167,15 @@ class InferenceActor:
         return self.predictor(batch)
 
 
-def _plan(config: RunConfig, out: ShardOutput, dtype: str, on_gpu: bool) -> ray.data.Dataset:
+def _plan(config: RunConfig, out: ShardOutput, dtype: str, on_gpu: bool, committed: tuple[str, ...]) -> ray.data.Dataset:
+    """The run's plan; `committed`: the shards committed before it, which it skips."""
     from pipeline.prepare import prepare_batch
     from pipeline.shards import write_shard
 
     execution = config.execution
     low, high = execution.concurrency
     pending = PendingConfig(config.input, out.store, config.storage, config.limit, config.previews,
-                            committed=tuple(committed_parts(out.store)))
+                            committed=committed)
     prepare = PrepareConfig(storage=config.storage)
     inference = InferenceConfig(model=config.model, dtype=dtype, postprocess=config.postprocess,
                                 compile=execution.compile, storage=config.storage, actors=high)
@@ -271,6 +272,14 @@ def _settings(config: RunConfig, model_dir, categories, dtype: str) -> dict:
                             "tasks": list(config.postprocess.tasks)}}
 
 
+def _committed_since(store: OutputStore, before: tuple[str, ...]) -> dict:
+    """What the shards committed since `before` hold: a stopped run's counts. (The driver's count
+    of streamed results lags: shards commit before their results reach it.)"""
+    earlier = set(before)
+    segmented, failed = committed_counts(store, [p for p in committed_parts(store) if p not in earlier])
+    return {"ok": segmented, "failed": failed}
+
+
 def _utc() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -332,19 +341,20 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
         progress(f"retrying {forget_failures(store)} images that failed in earlier runs")
     counts = RunCounts(committed_before=committed_count(store))
     progress(f"{counts.committed_before} images already committed under {config.output}; listing {config.input}")
+    before = tuple(committed_parts(store))
     dataset = _plan(config, ShardOutput(store, categories, run_id, config.model, config.storage,
-                                        config.postprocess.tasks), settings["dtype"], on_gpu)
+                                        config.postprocess.tasks), settings["dtype"], on_gpu, before)
     record = {"run_id": run_id, "started": started_at, "input": config.input,
               "execution": asdict(config.execution), **settings}
     results = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
     try:
         finished = _drive(results, counts, progress, config.max_error_ratio, still_held)
     except KeyboardInterrupt:  # the history keeps the run; its committed shards stay for a rerun
-        record_run(store, record | {"interrupted": _utc(), "counts": {"ok": counts.ok, "failed": counts.failed}})
+        record_run(store, record | {"interrupted": _utc(), "counts": _committed_since(store, before)})
         raise
     except OutputBusy:  # another run took the output over: stop writing, and touch nothing of its
         _stop(dataset, results)
-        record_run(store, record | {"lost_lease": _utc(), "counts": {"ok": counts.ok, "failed": counts.failed}})
+        record_run(store, record | {"lost_lease": _utc(), "counts": _committed_since(store, before)})
         raise
     if not finished:
         _stop(dataset, results)

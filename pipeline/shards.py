@@ -209,6 +209,11 @@ def committed_count(store: OutputStore) -> int:
     return _rows(store, _committed(store, IMAGES_DIR) + _committed(store, ERRORS_DIR))
 
 
+def committed_counts(store: OutputStore, parts: Sequence[str]) -> tuple[int, int]:
+    """(segmented, failed) images in the committed shards named `parts`."""
+    return _rows(store, _committed(store, IMAGES_DIR, parts)), _rows(store, _committed(store, ERRORS_DIR, parts))
+
+
 def committed_errors(store: OutputStore) -> Counter:
     """(run_id, error_type) -> how many committed images failed so."""
     errors: Counter = Counter()

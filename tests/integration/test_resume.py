@@ -264,6 +264,7 @@ def test_ctrl_c_or_sigterm_prints_one_line_keeps_the_run_in_the_history_and_resu
     (record,) = [json.loads(p.read_text()) for p in (output / "_state" / "runs").glob("*.json")]
     assert record["interrupted"] and "finished" not in record
     assert 0 < committed_rows(output) < 120
+    assert 0 < record["counts"]["ok"] + record["counts"]["failed"] <= committed_rows(output)  # what it had committed
     assert start_job(images, output).wait(timeout=900) == 0
     assert len(images_table(output)) == 120 and len(list((output / "_state" / "runs").glob("*.json"))) == 2
 
