@@ -50,14 +50,17 @@ _OS_ERRORS = {"OSError", *(c.__name__ for c in (PermissionError, FileNotFoundErr
 
 
 def _remote_user_error(text: str) -> str | None:
-    """A user mistake raised in a Ray task or actor (a listing refused, a model that cannot be
-    loaded, a full disk under a write task): Ray passes it on as the text of its traceback."""
-    for name, message in reversed(_RAISED.findall(text)):
-        if name in {e.__name__ for e in USER_ERRORS}:
-            return message
-        if name in _OS_ERRORS:
-            return f"{name}: {message}"
-    return None
+    """A user mistake raised in a Ray task or actor (a model that cannot be loaded, a full disk
+    under a write task): Ray passes it on as the text of its traceback. Only the error the task
+    died of counts, the last one raised (Ray's own lines name theirs with dots): a bug raised
+    while handling an OSError stays a bug."""
+    raised = _RAISED.findall(text)
+    if not raised:
+        return None
+    name, message = raised[-1]
+    if name in {e.__name__ for e in USER_ERRORS}:
+        return message
+    return f"{name}: {message}" if name in _OS_ERRORS else None
 
 
 def _user_error_message(exc: BaseException) -> str | None:

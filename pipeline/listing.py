@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import posixpath
+from itertools import chain
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -92,8 +93,14 @@ def _list_folder(fs: fsspec.AbstractFileSystem, root: str, protocol: str, skip: 
             if _is_image(path) and not skipped(path):
                 yield safe_key(path[len(root) + 1:]), f"s3://{path}"
         return
-    walk = _local_walk(root, skip) if protocol in LOCAL_PROTOCOLS else fs.walk(root)
-    for directory, _, files in walk:
+    # a local folder that may not be listed is an input of its own, whose read fails: one error
+    # row says what was not segmented, and the run goes on (a `lost+found` is everywhere)
+    denied: list[str] = []
+    walk = _local_walk(root, skip, denied) if protocol in LOCAL_PROTOCOLS else fs.walk(root)
+    for directory, _, files in chain(walk, [("", [], [])]):
+        while denied:
+            path = denied.pop(0)
+            yield safe_key(path[len(root) + 1:]), _text(path)
         for name in sorted(files):
             path = f"{directory.rstrip('/')}/{name}"
             if _is_image(path) and not skipped(path):
@@ -108,13 +115,17 @@ def _text(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _local_walk(root: str, skip: str | None) -> Iterator[tuple[str, list[str], list[str]]]:
+def _local_walk(root: str, skip: str | None, denied: list[str]) -> Iterator[tuple[str, list[str], list[str]]]:
     """`os.walk` that follows symlinked folders (a dataset assembled from links is common), each
     real folder once, so a link cycle ends; folders in name order, so listings are stable. The
-    folder `skip` (a resolved path plus "/") is not entered, by whatever path it is reached."""
-    def unlistable(error: OSError) -> None:  # os.walk would skip the folder, and its images unseen
-        raise InputError(f"cannot list folder {_text(error.filename)}: {error.strerror}; fix its permissions, "
-                         "or give the images to segment in a manifest")
+    folder `skip` (a resolved path plus "/") is not entered, by whatever path it is reached.
+    Folders it may not list are appended to `denied` (os.walk would skip them unseen); one gone
+    since its parent was listed is skipped."""
+    def unlistable(error: OSError) -> None:
+        if error.filename == root:
+            raise InputError(f"cannot list input {_text(root)}: {error.strerror}")
+        if isinstance(error, PermissionError):
+            denied.append(error.filename)
 
     visited: set[str] = set()
     for directory, folders, files in os.walk(root, onerror=unlistable, followlinks=True):
@@ -136,9 +147,10 @@ def _manifest_uris(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         column = "uri" if "uri" in table.column_names else table.column_names[0]
-        if not (pa.types.is_string(table.schema.field(column).type) or pa.types.is_large_string(table.schema.field(column).type)):
-            raise InputError(f"manifest {path}: column {column!r} holds {table.schema.field(column).type}, not URIs "
-                             "(name the column of URIs 'uri')")
+        kind = table.schema.field(column).type
+        values = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas' category columns
+        if not (pa.types.is_string(values) or pa.types.is_large_string(values) or pa.types.is_string_view(values)):
+            raise InputError(f"manifest {path}: column {column!r} holds {kind}, not URIs (name the column of URIs 'uri')")
         yield from (u for u in table.column(column).to_pylist() if u)
         return
     with fs.open(path, "rt") as f:

@@ -19,8 +19,9 @@ FOLDER = "folder"
 
 
 def absolute(path: str) -> str:
-    """A local path (`file://` or none) made absolute against this process's folder; URLs as they are."""
-    if "://" in path and not path.startswith("file://"):
+    """A local path (`file://` or none) made absolute against this process's folder; URLs, and
+    fsspec's chained ones (`simplecache::s3://...`), as they are."""
+    if ("://" in path and not path.startswith("file://")) or "::" in path:
         return path
     return os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
 

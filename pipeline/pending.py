@@ -27,11 +27,11 @@ class PendingConfig:
     storage: StorageConfig = StorageConfig()
     limit: int | None = None  # consider only the first N listed inputs
     previews: int = 0  # mark the first N pending inputs for a preview overlay
-    # The shards committed when the run started (None: those committed now). Ray runs the read
-    # task again if its worker dies, and drops as many blocks as the first attempt delivered: the
-    # stream must be the same, not shortened by the shards this run committed meanwhile, or the
-    # images between the two attempts' block boundaries would never be segmented.
-    committed: tuple[str, ...] | None = None
+    # This run's id: the keys it commits itself stay in its stream. Ray runs the read task again
+    # if its worker dies and drops as many blocks as the first attempt delivered, so the stream
+    # must be the same, not shortened by the shards this run committed meanwhile: the images
+    # between the two attempts' block boundaries would never be segmented.
+    run_id: str = ""
 
 
 def _block(keys: list[str], uris: list[str], first: int, previews: int) -> pa.Table:
@@ -40,7 +40,7 @@ def _block(keys: list[str], uris: list[str], first: int, previews: int) -> pa.Ta
 
 def pending_blocks(config: PendingConfig) -> Iterator[pa.Table]:
     """Blocks of the listed inputs whose keys are not committed yet; duplicate keys dropped."""
-    done, seen = committed_keys(config.store, config.committed), set()
+    done, seen = committed_keys(config.store, excluding_run=config.run_id), set()
     keys: list[str] = []
     uris: list[str] = []
     emitted = 0

@@ -123,8 +123,9 @@ def _check_nodes_see(paths: list[tuple[str, str]], store: OutputStore, run_id: s
     """On a cluster of several nodes, refuse the run unless each node sees the run's local paths
     ((flag, path) pairs) and a file the driver writes in a local output as the driver does
     (local_paths.py). Nodes that join the cluster later are not checked."""
+    # the nodes tasks can run on (a head node without CPUs runs none), the driver's own aside
     nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")}
-    if len(nodes) < 2 or not (paths or store.is_local):
+    if not set(nodes) - {ray.get_runtime_context().get_node_id()} or not (paths or store.is_local):
         return
     probe = f".probe-{run_id}"  # a new name: seen on a node only if that node shares the driver's disk
     if store.is_local:
@@ -136,12 +137,18 @@ def _check_nodes_see(paths: list[tuple[str, str]], store: OutputStore, run_id: s
         answers = {f"{address} ({node_id[:8]})": look.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote([c.path for c in checks])
             for node_id, address in nodes.items()}
-        ready, late = ray.wait(list(answers.values()), num_returns=len(answers), timeout=NODE_ANSWER_SECONDS)
-        if late:
-            progress(f"warning: {len(late)} of {len(nodes)} nodes did not say within {NODE_ANSWER_SECONDS:.0f} s "
-                     "whether they see the run's local paths")
-        answered = set(ready)
-        check_every_node_sees(checks, {node: ray.get(ref) for node, ref in answers.items() if ref in answered})
+        ready, _ = ray.wait(list(answers.values()), num_returns=len(answers), timeout=NODE_ANSWER_SECONDS)
+        answered, views = set(ready), {}
+        for node, ref in answers.items():
+            try:
+                if ref in answered:
+                    views[node] = ray.get(ref)
+            except ray.exceptions.RayError:  # the node left the cluster meanwhile (autoscaler, spot)
+                pass
+        if len(views) < len(answers):
+            progress(f"warning: {len(answers) - len(views)} of {len(answers)} nodes did not say within "
+                     f"{NODE_ANSWER_SECONDS:.0f} s whether they see the run's local paths")
+        check_every_node_sees(checks, views)
     finally:
         if store.is_local:
             store.delete(probe)
@@ -167,15 +174,14 @@ class InferenceActor:
         return self.predictor(batch)
 
 
-def _plan(config: RunConfig, out: ShardOutput, dtype: str, on_gpu: bool, committed: tuple[str, ...]) -> ray.data.Dataset:
-    """The run's plan; `committed`: the shards committed before it, which it skips."""
+def _plan(config: RunConfig, out: ShardOutput, dtype: str, on_gpu: bool) -> ray.data.Dataset:
     from pipeline.prepare import prepare_batch
     from pipeline.shards import write_shard
 
     execution = config.execution
     low, high = execution.concurrency
     pending = PendingConfig(config.input, out.store, config.storage, config.limit, config.previews,
-                            committed=committed)
+                            run_id=out.run_id)
     prepare = PrepareConfig(storage=config.storage)
     inference = InferenceConfig(model=config.model, dtype=dtype, postprocess=config.postprocess,
                                 compile=execution.compile, storage=config.storage, actors=high)
@@ -343,7 +349,7 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
     progress(f"{counts.committed_before} images already committed under {config.output}; listing {config.input}")
     before = tuple(committed_parts(store))
     dataset = _plan(config, ShardOutput(store, categories, run_id, config.model, config.storage,
-                                        config.postprocess.tasks), settings["dtype"], on_gpu, before)
+                                        config.postprocess.tasks), settings["dtype"], on_gpu)
     record = {"run_id": run_id, "started": started_at, "input": config.input,
               "execution": asdict(config.execution), **settings}
     results = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))

@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.decode import decode_image
@@ -196,11 +197,9 @@ def forget_failures(store: OutputStore) -> int:
     return failed
 
 
-def iter_committed(store: OutputStore, directory: str, columns: list[str] | None = None,
-                   parts: Sequence[str] | None = None) -> Iterator[pa.Table]:
-    """Each committed part of `directory` (IMAGES_DIR or ERRORS_DIR) as a table (of the shards
-    named `parts` if given)."""
-    for data in _fetch(store, _committed(store, directory, parts)):
+def iter_committed(store: OutputStore, directory: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Each committed part of `directory` (IMAGES_DIR or ERRORS_DIR) as a table."""
+    for data in _fetch(store, _committed(store, directory)):
         yield pq.read_table(io.BytesIO(data), columns=columns)
 
 
@@ -222,10 +221,12 @@ def committed_errors(store: OutputStore) -> Counter:
     return errors
 
 
-def committed_keys(store: OutputStore, parts: Sequence[str] | None = None) -> set[str]:
-    """Every key whose result (segments or error) is committed, in the shards named `parts` if given."""
+def committed_keys(store: OutputStore, excluding_run: str = "") -> set[str]:
+    """Every key whose result (segments or error) is committed, but by the run `excluding_run`."""
     keys: set[str] = set()
     for directory in (IMAGES_DIR, ERRORS_DIR):
-        for table in iter_committed(store, directory, columns=["key"], parts=parts):
+        for table in iter_committed(store, directory, columns=["key", "run_id"]):
+            if excluding_run:
+                table = table.filter(pc.not_equal(table.column("run_id"), excluding_run))
             keys.update(table.column("key").to_pylist())
     return keys

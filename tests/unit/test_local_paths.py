@@ -14,6 +14,7 @@ def test_absolute_resolves_local_paths_against_this_folder_and_leaves_urls(tmp_p
     assert absolute("~/out") == os.path.expanduser("~/out")
     assert absolute("s3://bucket/out") == "s3://bucket/out"
     assert absolute("https://host/x.jpg?id=1") == "https://host/x.jpg?id=1"
+    assert absolute("simplecache::/data/x.png") == "simplecache::/data/x.png"
 
 
 def test_seen_tells_files_by_size_folders_and_nothing(tmp_path):

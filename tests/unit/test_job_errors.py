@@ -1,0 +1,29 @@
+"""How the job tells a user's mistake raised in a Ray task or actor (one error line) from a bug (a traceback)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("segment_bucket", Path(__file__).resolve().parents[2] / "jobs" / "segment_bucket.py")
+job = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(job)
+
+WRAPPED = "\n\nThe above exception was the direct cause of the following exception:\n\n" \
+          "ray::MapBatches(write_shard)() (pid=1, ip=127.0.0.1)\nray.exceptions.UserCodeException: UDF failed.\n" \
+          "Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Traceback (most recent call last):\n  File \"x.py\", line 1\nOSError: [Errno 28] No space left on device" + WRAPPED,
+     "OSError: [Errno 28] No space left on device"),
+    ("RuntimeError: size mismatch\n\nThe above exception was the direct cause of the following exception:\n\n"
+     "pipeline.model.ModelError: model in /m cannot be loaded: RuntimeError: size mismatch" + WRAPPED,
+     "model in /m cannot be loaded: RuntimeError: size mismatch"),
+    # a bug raised while handling a user's error is the bug: a traceback, not an error line
+    ("FileNotFoundError: [Errno 2] gone: '/x'\n\nDuring handling of the above exception, another exception "
+     "occurred:\n\nTypeError: 'NoneType' object is not iterable" + WRAPPED, None),
+    ("ValueError: a bug of ours" + WRAPPED, None),
+])
+def test_only_the_error_a_task_died_of_decides(text, expected):
+    assert job._remote_user_error(text) == expected
