@@ -62,7 +62,7 @@ class OutputStore:
     def create_bytes(self, relative: str, data: bytes) -> bool:
         """Write `data` only if no file is there, even one another writer creates at this moment;
         False if one is. Exclusive on a local disk and on object stores that honour
-        `If-None-Match` (AWS S3, SeaweedFS, MinIO); others write unconditionally."""
+        `If-None-Match` (AWS S3; SeaweedFS, tested); others write unconditionally."""
         target = self.path(relative)
         try:
             if self.is_local:
