@@ -265,6 +265,8 @@ def test_ctrl_c_or_sigterm_prints_one_line_keeps_the_run_in_the_history_and_resu
     assert record["interrupted"] and "finished" not in record
     assert 0 < committed_rows(output) < 120
     assert 0 < record["counts"]["ok"] + record["counts"]["failed"] <= committed_rows(output)  # what it had committed
+    if sig != signal.SIGINT:
+        return  # the resume is the same whichever signal stopped the run: checked once
     assert start_job(images, output).wait(timeout=900) == 0
     assert len(images_table(output)) == 120 and len(list((output / "_state" / "runs").glob("*.json"))) == 2
 
