@@ -43,21 +43,11 @@ class OutputStore:
         return self.root.rstrip("/") + "/" + relative
 
     def write_bytes(self, relative: str, data: bytes) -> None:
-        fs, target = self.fs, self.path(relative)
         if self.is_local:
-            os.makedirs(posixpath.dirname(target), exist_ok=True)
-            temporary = f"{target}.{uuid.uuid4().hex}.tmp"
-            try:
-                with open(temporary, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(temporary, target)
-            finally:  # a full disk: no half-written temporary left beside the outputs
-                if os.path.exists(temporary):
-                    os.remove(temporary)
+            with self.open_atomic(relative) as f:  # a temporary renamed; none left by a full disk
+                f.write(data)
         else:
-            fs.pipe_file(target, data)
+            self.fs.pipe_file(self.path(relative), data)  # one PUT, atomic there
 
     def create_bytes(self, relative: str, data: bytes) -> bool:
         """Write `data` only if no file is there, even one another writer creates at this moment;
