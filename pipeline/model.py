@@ -41,6 +41,11 @@ class ModelSource:
     def is_remote_dir(self) -> bool:
         return "://" in self.uri and not self.uri.startswith("file://")
 
+    @property
+    def path(self) -> Path:
+        """What the uri names on this machine's disk, if it names a local path (`file://` or none)."""
+        return Path(self.uri.removeprefix("file://")).expanduser()
+
 
 def _cache_root() -> Path:
     return Path(os.environ.get("PANOPTIC_MODEL_CACHE", Path.home() / ".cache" / "panoptic-pipeline" / "models"))
@@ -88,7 +93,7 @@ def _hub_snapshot(repo_id: str) -> Path:
 def local_dir(source: ModelSource) -> Path:
     """The checkpoint as a local directory on this node, checked to hold config + safetensors
     weights. Cached per process, so every task on a node resolves (and copies) it once."""
-    path = BUNDLED_DIR if source.uri == BUNDLED else Path(source.uri.removeprefix("file://")).expanduser()
+    path = BUNDLED_DIR if source.uri == BUNDLED else source.path
     if source.uri == BUNDLED and not path.is_dir():
         raise ModelError(f"the bundled checkpoint is missing from {path}; reinstall, or pass --model")
     if path.is_dir():

@@ -294,8 +294,8 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     """Segment every not-yet-committed input; rebuild COCO JSON and report.json. Returns the report."""
     started, started_at = time.monotonic(), _utc()
     # local paths as the driver means them: tasks run in other folders, on other machines
-    local_model = (config.model != BUNDLED and not ModelSource(config.model).is_remote_dir
-                   and Path(config.model.removeprefix("file://")).expanduser().is_dir())
+    source = ModelSource(config.model)
+    local_model = config.model != BUNDLED and not source.is_remote_dir and source.path.is_dir()
     config = replace(config, input=absolute(config.input), output=absolute(config.output),
                      model=absolute(config.model) if local_model else config.model)
     store = OutputStore(config.output, config.storage)
