@@ -15,6 +15,7 @@ from __future__ import annotations
 import colorsys
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -63,7 +64,7 @@ def _parse(text: str, source: str) -> list[Category]:
         categories = [_category(e) for e in json.loads(text)["categories"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise LabelMapError(f"label map {source} is not valid: {exc!r}") from exc
-    repeated = sorted({c.label_id for c in categories if [d.label_id for d in categories].count(c.label_id) > 1})
+    repeated = sorted(i for i, n in Counter(c.label_id for c in categories).items() if n > 1)
     if repeated:
         raise LabelMapError(f"label map {source} has several entries for label ids {repeated[:10]}")
     return categories

@@ -147,10 +147,10 @@ def _manifest_uris(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         column = "uri" if "uri" in table.column_names else table.column_names[0]
-        kind = table.schema.field(column).type
-        values = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas' category columns
+        held = table.schema.field(column).type
+        values = held.value_type if pa.types.is_dictionary(held) else held  # pandas' category columns
         if not (pa.types.is_string(values) or pa.types.is_large_string(values) or pa.types.is_string_view(values)):
-            raise InputError(f"manifest {path}: column {column!r} holds {kind}, not URIs (name the column of URIs 'uri')")
+            raise InputError(f"manifest {path}: column {column!r} holds {held}, not URIs (name the column of URIs 'uri')")
         yield from (u for u in table.column(column).to_pylist() if u)
         return
     with fs.open(path, "rt") as f:
