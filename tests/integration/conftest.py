@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.encode import read_panoptic_png
+from tests.s3_server import _free_port
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +36,21 @@ def segment_maps(output: Path) -> dict[str, np.ndarray]:
 
 def coco(output: Path) -> dict:
     return json.loads((output / "coco" / "panoptic.json").read_text())
+
+
+def ray_ports(*names: str) -> list[str]:
+    """`ray start` flags giving each named port a free one: the test session's own Ray runtime
+    already holds the defaults (its job agent's 52365 among them)."""
+    return [f"--{name}={_free_port()}" for name in names]
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Stop a process started with `start_new_session` and everything it started (a Ray node
+    under `ray start --block`): `ray stop` would stop every Ray on the machine."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=30)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import ray_ports, stop_process_group
 from tests.s3_server import _free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,21 +31,6 @@ def _can_unshare_mounts() -> bool:
         return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode == 0
     except FileNotFoundError:
         return False
-
-
-def _ports(*names: str) -> list[str]:
-    # every port named: the test session's own Ray runtime already holds the defaults
-    return [f"--{name}={_free_port()}" for name in names]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=30)
-            return
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            continue
 
 
 def _wait_for_nodes(address: str, env: dict, count: int, timeout: float = 120) -> None:
@@ -75,13 +60,13 @@ def two_nodes(tmp_path):
     agents = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
               "runtime-env-agent-port", "metrics-export-port")
     head = subprocess.Popen(
-        ["ray", "start", "--head", f"--port={port}", *_ports("ray-client-server-port", *agents), *common,
+        ["ray", "start", "--head", f"--port={port}", *ray_ports("ray-client-server-port", *agents), *common,
          "--include-dashboard=false", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     nodes = [head]
     try:
         _wait_for_nodes(f"127.0.0.1:{port}", env, 1)
-        worker = " ".join(["exec", "ray", "start", f"--address=127.0.0.1:{port}", *_ports(*agents), *common])
+        worker = " ".join(["exec", "ray", "start", f"--address=127.0.0.1:{port}", *ray_ports(*agents), *common])
         nodes.append(subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c",
              f"mount -t tmpfs tmpfs '{node_local}' && {worker}"],
@@ -90,7 +75,7 @@ def two_nodes(tmp_path):
         yield env | {"RAY_ADDRESS": f"127.0.0.1:{port}"}, node_local
     finally:
         for node in reversed(nodes):
-            _stop(node)
+            stop_process_group(node)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

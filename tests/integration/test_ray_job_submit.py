@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import ray_ports, stop_process_group
 from tests.s3_server import _free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,9 +53,9 @@ def ray_head(tmp_path):
     # head (`ray stop` would stop every Ray on the machine, the test session's own included).
     # Every port named: the test session's own Ray runtime already holds the defaults (its job
     # agent's 52365 among them), and a second head on them comes up without a job agent.
-    ports = [f"--{name}={_free_port()}" for name in (
-        "port", "node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")]
+    ports = ray_ports("port", "node-manager-port", "object-manager-port", "ray-client-server-port",
+                      "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                      "metrics-export-port")
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", *ports, f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
@@ -66,13 +66,7 @@ def ray_head(tmp_path):
         _wait_for_dashboard(url, head)
         yield env, url
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-                head.wait(timeout=30)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
+        stop_process_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
