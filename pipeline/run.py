@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -217,6 +218,20 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises Terminated in the body, then the handler before it is back. Entered after
+    ray.init: Ray's own handler exits at once, without the run's record, and dumps a stack."""
+    if threading.current_thread() is not threading.main_thread():  # only there can a handler be set
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class TooManyErrors(RuntimeError):
     """More images failed than --max-error-ratio allows; what was done is committed."""
 
@@ -226,24 +241,36 @@ MIN_IMAGES_FOR_ERROR_RATIO = 20
 
 def _drive(results: Iterator[dict], counts: RunCounts, progress: Callable[[str], None], max_error_ratio: float,
            still_held: Callable[[], None], every_seconds: float = 5.0) -> bool:
-    """Consume shard results, printing progress; False if stopped for too many errors.
-    `still_held` raises once the output's lease is lost (see lease.hold_lease)."""
-    start = last = time.monotonic()
-    for batch in results:
-        still_held()
-        ok = int(batch["ok"].sum())
-        counts.ok += ok
-        counts.failed += len(batch["ok"]) - ok
-        counts.error_types.update(t for t in batch["error_type"].tolist() if t)
-        counts.stage_seconds.update({name: float(batch[name].sum()) for name in STAGE_SECONDS})
-        if counts.processed >= MIN_IMAGES_FOR_ERROR_RATIO and counts.failed > max_error_ratio * counts.processed:
-            return False
-        now = time.monotonic()
-        if now - last >= every_seconds:
-            last = now
-            rate = counts.processed / (now - start)
-            progress(f"progress: {counts.processed} images done, {rate:.2f} images/s, {counts.failed} errors")
-    return True
+    """Consume shard results, printing progress every `every_seconds`; False if stopped for too
+    many errors. `still_held` raises once the output's lease is lost (see lease.hold_lease).
+
+    The progress line comes from a timer, not from the results: the first shard commits only once
+    its images are listed, decoded and segmented, which a large model's start-up delays by minutes."""
+    start = time.monotonic()
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(every_seconds):
+            elapsed = time.monotonic() - start
+            progress(f"progress: {counts.processed} images done in {elapsed:.0f} s, "
+                     f"{counts.processed / elapsed:.2f} images/s, {counts.failed} errors")
+
+    ticker = threading.Thread(target=tick, name="progress", daemon=True)
+    ticker.start()
+    try:
+        for batch in results:
+            still_held()
+            ok = int(batch["ok"].sum())
+            counts.ok += ok
+            counts.failed += len(batch["ok"]) - ok
+            counts.error_types.update(t for t in batch["error_type"].tolist() if t)
+            counts.stage_seconds.update({name: float(batch[name].sum()) for name in STAGE_SECONDS})
+            if counts.processed >= MIN_IMAGES_FOR_ERROR_RATIO and counts.failed > max_error_ratio * counts.processed:
+                return False
+        return True
+    finally:
+        stop.set()
+        ticker.join()
 
 
 def _stop(dataset: ray.data.Dataset, results: Iterator[dict]) -> None:
@@ -319,20 +346,23 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
         local += [("--model", str(path)) for path in sorted(model_dir.iterdir()) if path.suffix in (".json", ".safetensors")]
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     with hold_lease(store, run_id, started_at) as still_held:
-        return _segment(config, store, model_dir, categories, run_id, started, started_at, progress, still_held, local)
+        _start_ray()
+        with _sigterm_interrupts():
+            return _segment(config, store, model_dir, categories, run_id, started, started_at, progress, still_held,
+                            local)
+
+
+def _start_ray() -> None:
+    """Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start an embedded runtime
+    rather than attach to whatever /tmp/ray last pointed at (a killed run leaves a dead pointer)."""
+    ray.init(address=None if "RAY_ADDRESS" in os.environ else "local", ignore_reinit_error=True,
+             log_to_driver=False, include_dashboard=False)
 
 
 def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories: tuple[Category, ...], run_id: str,
              started: float, started_at: str, progress: Callable[[str], None], still_held: Callable[[], None],
              local: list[tuple[str, str]]) -> dict:
     """The run proper, on an output it alone writes to; `local`: (flag, path) of its local inputs."""
-    # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start an embedded runtime
-    # rather than attach to whatever /tmp/ray last pointed at (a killed run leaves a dead pointer).
-    ray.init(address=None if "RAY_ADDRESS" in os.environ else "local", ignore_reinit_error=True,
-             log_to_driver=False, include_dashboard=False)
-    if threading.current_thread() is threading.main_thread():
-        # after ray.init: Ray's own handler exits at once, without the run's record, and dumps a stack
-        signal.signal(signal.SIGTERM, _terminate)
     on_gpu = _on_gpu()
     _check_room(config.execution, on_gpu, can_grow="RAY_ADDRESS" in os.environ, progress=progress)
     _check_nodes_see(local, store, run_id, progress)

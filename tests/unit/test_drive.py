@@ -1,10 +1,13 @@
-"""The driver loop: counts, timings, and the --max-error-ratio stop."""
+"""The driver loop: counts, timings, progress, the --max-error-ratio stop, and SIGTERM."""
+
+import signal
+import threading
 
 import numpy as np
 import pytest
 
 from pipeline.report import RunCounts
-from pipeline.run import MIN_IMAGES_FOR_ERROR_RATIO, _drive
+from pipeline.run import MIN_IMAGES_FOR_ERROR_RATIO, Terminated, _drive, _sigterm_interrupts
 
 
 def _batch(ok: list[bool]) -> dict:
@@ -42,3 +45,33 @@ def test_a_lost_lease_stops_the_loop_at_the_next_result():
     with pytest.raises(OutputBusy):
         _drive(iter([_batch([True] * 4) for _ in range(3)]), counts, print, max_error_ratio=0.5, still_held=lost)
     assert counts.processed == 4
+
+
+def test_progress_comes_while_no_shard_has_committed_yet():
+    lines, ticked = [], threading.Event()
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        ticked.set()
+
+    def slow_start():  # a model loading for minutes: no result yet
+        assert ticked.wait(10)
+        yield _batch([True] * 3)
+
+    counts = RunCounts()
+    assert _drive(slow_start(), counts, progress, max_error_ratio=0.5, still_held=lambda: None, every_seconds=0.05)
+    assert lines[0].startswith("progress: 0 images done in ")
+    assert counts.ok == 3
+
+
+def test_sigterm_interrupts_inside_and_the_previous_handler_is_back_after():
+    def previous(signum, frame):
+        raise AssertionError("the previous handler ran inside")
+
+    signal.signal(signal.SIGTERM, previous)
+    try:
+        with pytest.raises(Terminated), _sigterm_interrupts():
+            signal.raise_signal(signal.SIGTERM)  # runs the handler before it returns
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
