@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
-
-T = TypeVar("T")
-
 # Stages an image can fail in, as written to tables/errors.
-READ, DECODE, PREPROCESS, INFER, WRITE = "read", "decode", "preprocess", "infer", "write"
+READ, DECODE, PREPROCESS, INFER = "read", "decode", "preprocess", "infer"
 
 
 class ImageFailure(Exception):
@@ -26,10 +22,3 @@ def as_failure(stage: str, exc: BaseException) -> ImageFailure:
         return exc
     return ImageFailure(stage, type(exc).__name__, str(exc)[:500] or type(exc).__name__)
 
-
-def attempt(stage: str, fn: Callable[[], T]) -> T:
-    """Run `fn`; re-raise whatever it raises as an `ImageFailure` of `stage`."""
-    try:
-        return fn()
-    except Exception as exc:  # one image's problem, whatever it is, must not stop the batch
-        raise as_failure(stage, exc) from exc

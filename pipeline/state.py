@@ -90,6 +90,3 @@ def clear_outputs(store: OutputStore) -> None:
 def record_run(store: OutputStore, record: dict) -> None:
     store.write_bytes(f"{RUNS_DIR}/{record['run_id']}.json", json.dumps(record, indent=2).encode())
 
-
-def run_history(store: OutputStore) -> list[dict]:
-    return [json.loads(store.read_bytes(f"{RUNS_DIR}/{name}")) for name in store.list(RUNS_DIR, ".json")]

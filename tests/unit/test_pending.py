@@ -1,5 +1,3 @@
-import numpy as np
-
 from pipeline.labels import Category
 from pipeline.pending import PendingConfig, pending_blocks
 from pipeline.shards import ShardOutput, write_shard
