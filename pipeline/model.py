@@ -178,7 +178,11 @@ def load_model(directory: Path, device: str) -> Any:
     from transformers import AutoModelForUniversalSegmentation
 
     model_labels(directory)  # a clear error for an unsupported model type
+    model_type = json.loads((directory / "config.json").read_text())["model_type"]
     model = AutoModelForUniversalSegmentation.from_pretrained(
-        directory, use_safetensors=True, trust_remote_code=False
+        directory, use_safetensors=True, trust_remote_code=False,
+        # transformers 5 runs inference with one setting of this training option only: MaskFormer's
+        # forward fails with it on, Mask2Former's with it off (its hub checkpoints ship those)
+        use_auxiliary_loss=model_type == "mask2former",
     )
     return model.to(device).eval()

@@ -197,6 +197,23 @@ def panoptic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     return results
 
 
+MASK2FORMER_MASK_SIZE = (384, 384)
+
+
+def as_mask2former_processor(mask_logits: torch.Tensor,
+                             valid_sizes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Mask logits as Mask2Former's image processor post-processes them: its panoptic, semantic
+    and instance post-processings first resize the mask logits to 384x384 ("the preprocessed
+    image size for all models") and then go on as MaskFormer's, which the functions here follow.
+    Each image's valid region is what is resized, as everywhere in this module.
+
+    mask_logits: (B, Q, h, w) float -> (B, Q, 384, 384), and every valid size becomes (384, 384).
+    """
+    scaled = torch.cat([F.interpolate(mask_logits[i:i + 1, :, :vh, :vw], size=MASK2FORMER_MASK_SIZE, mode="bilinear",
+                                      align_corners=False) for i, (vh, vw) in enumerate(valid_sizes)])
+    return scaled, [MASK2FORMER_MASK_SIZE] * len(valid_sizes)
+
+
 def semantic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
                           valid_sizes: Sequence[tuple[int, int]],
                           target_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:

@@ -22,7 +22,7 @@ from pipeline.encode import smallest_id_dtype
 from pipeline.failures import INFER
 from pipeline.memory import release_free_memory, reuse_freed_memory
 from pipeline.model import ModelSource, load_model_and_processor, local_dir
-from pipeline.postprocess import panoptic_segmentation, semantic_segmentation
+from pipeline.postprocess import as_mask2former_processor, panoptic_segmentation, semantic_segmentation
 from pipeline.postprocess_instance import instance_segmentation
 from pipeline.preprocess import resize_for_model
 from pipeline.results import ImageResult, InstanceResult, PanopticResult
@@ -136,6 +136,8 @@ class Predictor:
         padded_h, padded_w = pixels.shape[-2:]
         valid = [(round(im.shape[1] * masks.shape[-2] / padded_h), round(im.shape[2] * masks.shape[-1] / padded_w))
                  for im in images]
+        if self.model.config.model_type == "mask2former":
+            masks, valid = as_mask2former_processor(masks, valid)
         classes, post = outputs.class_queries_logits.float(), self.config.postprocess
         n = len(images)
         panoptic = panoptic_segmentation(classes, masks, valid, sizes, post)
