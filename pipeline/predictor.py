@@ -21,7 +21,7 @@ from pipeline.config import DTYPES as DTYPE_NAMES, InferenceConfig, resolved_dty
 from pipeline.encode import smallest_id_dtype
 from pipeline.failures import INFER
 from pipeline.memory import release_free_memory, reuse_freed_memory
-from pipeline.model import ModelSource, load_model_and_processor, local_dir
+from pipeline.model import ModelError, ModelSource, load_model_and_processor, local_dir
 from pipeline.postprocess import as_mask2former_processor, panoptic_segmentation, semantic_segmentation
 from pipeline.postprocess_instance import instance_segmentation
 from pipeline.preprocess import resize_for_model
@@ -108,10 +108,23 @@ class Predictor:
             torch.set_num_threads(cpu_threads(config.actors))
         directory = local_dir(ModelSource(config.model, config.storage))
         self.model, self.processor = load_model_and_processor(directory, self.device)
+        self._check_it_runs(directory)
         if config.compile:
             # dynamic sizes: a batch holds several image shapes and every group a different size,
             # so one compile serves all but groups of one image (torch specialises size 1)
             self.model = torch.compile(self.model, dynamic=True)
+
+    def _check_it_runs(self, directory: object) -> None:
+        """One small image through the whole of `infer`: a checkpoint whose processor config or
+        model cannot run (a `size` transformers cannot apply, say) is refused at start-up, instead
+        of failing every image, each committed as an error row. (Before compiling: a group of one
+        image would compile a graph of its own.)"""
+        try:
+            self.infer([np.zeros((64, 64, 3), np.uint8)], [(64, 64)])
+        except Exception as exc:  # whatever it is, it would fail every image
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            raise ModelError(f"model in {directory} cannot segment a test image: {type(exc).__name__}: "
+                             f"{first_line}") from exc
 
     def infer(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[ImageResult]:
         """Decoded (H, W, 3) uint8 images + their (H, W) sizes -> one result per image.

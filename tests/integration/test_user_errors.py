@@ -6,6 +6,7 @@ the write tasks) reach the driver as the text of their traceback only.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -76,3 +77,14 @@ def test_a_disk_that_fills_up_under_the_write_tasks(tmp_path):
         assert not list(disk.rglob("*.tmp"))  # no half-written temporaries beside the outputs
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_processor_config_transformers_cannot_apply(tmp_path):
+    """Refused at start-up, not committed as a failure of every image."""
+    model = tmp_path / "model"
+    shutil.copytree(BUNDLED_DIR, model)
+    config = json.loads((model / "preprocessor_config.json").read_text())
+    (model / "preprocessor_config.json").write_text(json.dumps(config | {"size": 384}))  # no longest edge
+    line = one_error_line(job("--input", str(SAMPLES), "--output", str(tmp_path / "out"), "--model", str(model)))
+    assert line.startswith(f"error: model in {model} cannot segment a test image: ValueError: Size must contain")
+    assert not (tmp_path / "out" / "tables").exists()
