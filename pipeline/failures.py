@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # Stages an image can fail in, as written to tables/errors.
-READ, DECODE, PREPROCESS, INFER = "read", "decode", "preprocess", "infer"
+READ, DECODE, PREPROCESS, INFER, WRITE = "read", "decode", "preprocess", "infer", "write"
 
 
 class ImageFailure(Exception):

@@ -13,6 +13,7 @@ removed at the next start, and its keys are redone.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.decode import decode_image
 from pipeline.encode import panoptic_png, png_bytes
-from pipeline.failures import ImageFailure
+from pipeline.failures import WRITE, ImageFailure
 from pipeline.labels import Category
 from pipeline.memory import release_free_memory
 from pipeline.read import read_bytes
@@ -115,37 +116,61 @@ def _preview(out: ShardOutput, key: str, uri: str, segment_ids: np.ndarray, segm
 STAGE_SECONDS = ("seconds_prepare", "seconds_infer", "seconds_write")
 
 
+def _name_problem(exc: OSError) -> str | None:
+    """Why a local write failed for its name alone, or None when it did not."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError, IsADirectoryError)):  # a.jpg beside a folder a.jpg.png/
+        return "another input's output has this name, as a file where a folder is needed or the reverse"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "the output's path is too long for this file system"
+    return None
+
+
+def _write_image(out: ShardOutput, batch: dict[str, np.ndarray], i: int, row: dict) -> dict:
+    """Write image i's PNGs (and preview); returns its row of the images table."""
+    png, segment_ids = panoptic_png_path(row["key"]), np.asarray(batch["segment_ids"][i])
+    out.store.write_bytes(png, panoptic_png(segment_ids))
+    segments = _segment_rows(str(batch["segments"][i]), out.categories)
+    if batch["preview"][i]:
+        _preview(out, row["key"], row["uri"], segment_ids, segments)
+    semantic = None
+    if "semantic" in out.tasks:
+        semantic = f"{SEMANTIC_DIR}/{row['key']}.png"
+        out.store.write_bytes(semantic, semantic_png(np.asarray(batch["semantic"][i]), out.categories))
+    instances = _instance_rows(str(batch["instances"][i]), out.categories) if "instance" in out.tasks else None
+    return row | {"width": int(batch["width"][i]), "height": int(batch["height"][i]), "panoptic_png": png,
+                  "model": out.model, "segments": segments, "semantic_png": semantic, "instances": instances}
+
+
 def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.ndarray]:
-    """Write and commit one shard; returns per image: key, ok, error_type and seconds per stage."""
+    """Write and commit one shard; returns per image: key, ok, error_type and seconds per stage.
+
+    An image whose output cannot have its name (see `_name_problem`) fails alone, at the write
+    stage; any other write error (a full disk, storage refusing) stops the shard."""
     start = time.perf_counter()
     store, images, errors = out.store, [], []
+    error_types = np.asarray(batch["error_type"]).astype(object)
     for i, key in enumerate(batch["key"]):
         row = {"key": str(key), "uri": str(batch["uri"][i]), "run_id": out.run_id}
-        if batch["error_type"][i]:
-            errors.append(row | {"stage": str(batch["error_stage"][i]), "error_type": str(batch["error_type"][i]),
+        if error_types[i]:
+            errors.append(row | {"stage": str(batch["error_stage"][i]), "error_type": str(error_types[i]),
                                  "message": str(batch["error_message"][i])})
             continue
-        png, segment_ids = panoptic_png_path(row["key"]), np.asarray(batch["segment_ids"][i])
-        store.write_bytes(png, panoptic_png(segment_ids))
-        segments = _segment_rows(str(batch["segments"][i]), out.categories)
-        if batch["preview"][i]:
-            _preview(out, row["key"], row["uri"], segment_ids, segments)
-        semantic = None
-        if "semantic" in out.tasks:
-            semantic = f"{SEMANTIC_DIR}/{row['key']}.png"
-            store.write_bytes(semantic, semantic_png(np.asarray(batch["semantic"][i]), out.categories))
-        instances = _instance_rows(str(batch["instances"][i]), out.categories) if "instance" in out.tasks else None
-        images.append(row | {"width": int(batch["width"][i]), "height": int(batch["height"][i]),
-                             "panoptic_png": png, "model": out.model, "segments": segments,
-                             "semantic_png": semantic, "instances": instances})
+        try:
+            images.append(_write_image(out, batch, i, row))
+        except OSError as exc:
+            problem = _name_problem(exc)
+            if problem is None:
+                raise
+            error_types[i] = type(exc).__name__
+            errors.append(row | {"stage": WRITE, "error_type": error_types[i], "message": f"{problem}: {exc}"[:500]})
     shard = part_name(batch["key"])
     if errors:
         store.write_bytes(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))
     store.write_bytes(f"{IMAGES_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(images, tables.IMAGES))
     n = len(batch["key"])
     release_free_memory()
-    return {"key": np.asarray(batch["key"]), "ok": np.asarray([not e for e in batch["error_type"]], dtype=bool),
-            "error_type": np.asarray(batch["error_type"]),
+    return {"key": np.asarray(batch["key"]), "ok": np.asarray([not e for e in error_types], dtype=bool),
+            "error_type": error_types.astype(str),
             "seconds_prepare": np.asarray(batch.get("seconds_prepare", np.zeros(n))),
             "seconds_infer": np.asarray(batch.get("seconds_infer", np.zeros(n))),
             "seconds_write": np.full(n, (time.perf_counter() - start) / max(n, 1))}

@@ -54,7 +54,7 @@ ERRORS = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
-        pa.field("stage", pa.string(), nullable=False),  # read | decode | preprocess | infer
+        pa.field("stage", pa.string(), nullable=False),  # read | decode | preprocess | infer | write
         pa.field("error_type", pa.string(), nullable=False),
         pa.field("message", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),

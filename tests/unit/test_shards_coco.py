@@ -161,3 +161,20 @@ def test_a_preview_whose_input_is_gone_is_skipped(tmp_path):
     status = write_shard(batch, ShardOutput(store, CATEGORIES, "r", "m"))
     assert status["ok"].tolist() == [True] and committed_keys(store) == {"gone.jpg"}
     assert not (tmp_path / "previews").exists()
+
+
+def test_an_image_whose_output_name_is_taken_fails_alone_at_writing(tmp_path):
+    """`a.jpg` writes the file panoptic/a.jpg.png, where `a.jpg.png/b.jpg` needs a folder: whichever
+    comes second fails, with an error row; the rest of the shard commits."""
+    store = OutputStore(str(tmp_path))
+    for keys, clashing in ((["a.jpg", "a.jpg.png/b.jpg", "c.jpg"], "a.jpg.png/b.jpg"),
+                           (["x.jpg.png/y.jpg", "x.jpg"], "x.jpg")):
+        status = write_shard(_batch(keys), ShardOutput(store, CATEGORIES, "run1", "m"))
+        assert status["ok"].tolist() == [key != clashing for key in keys]
+    errors = pq.read_table(tmp_path / "tables/errors").to_pylist()
+    assert [(e["key"], e["stage"], e["error_type"]) for e in errors] == [
+        ("a.jpg.png/b.jpg", "write", "FileExistsError"), ("x.jpg", "write", "IsADirectoryError")]
+    assert all(e["message"].startswith("another input's output has this name") for e in errors)
+    assert committed_keys(store) == {"a.jpg", "a.jpg.png/b.jpg", "c.jpg", "x.jpg.png/y.jpg", "x.jpg"}
+    assert sorted(r["key"] for r in pq.read_table(tmp_path / "tables/images").to_pylist()) == [
+        "a.jpg", "c.jpg", "x.jpg.png/y.jpg"]
