@@ -75,7 +75,9 @@ def _fallback(id2label: Mapping[int, str]) -> list[Category]:
         r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.65, 0.95)
         return int(r * 255), int(g * 255), int(b * 255)
 
-    return [Category(i, i + 1, name, True, color(i), "") for i, name in sorted(id2label.items())]
+    repeated = {name for name, n in Counter(id2label.values()).items() if n > 1}  # told apart by label id
+    return [Category(i, i + 1, f"{name} ({i})" if name in repeated else name, True, color(i), "")
+            for i, name in sorted(id2label.items())]
 
 
 def _check(categories: list[Category], id2label: Mapping[int, str], source: str) -> tuple[Category, ...]:
@@ -87,6 +89,10 @@ def _check(categories: list[Category], id2label: Mapping[int, str], source: str)
     ids = [c.id for c in chosen]
     if len(set(ids)) != len(ids) or min(ids) < 1:
         raise LabelMapError(f"label map {source}: category ids must be unique and >= 1 (0 is void)")
+    # report.json and the previews name categories, and the tables' `label` column is the name
+    repeated = sorted(name for name, n in Counter(c.name for c in chosen).items() if n > 1)
+    if repeated:
+        raise LabelMapError(f"label map {source}: category names must be unique, {repeated[:10]} repeat")
     return chosen
 
 

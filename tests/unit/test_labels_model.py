@@ -28,6 +28,16 @@ def test_unknown_names_fall_back_to_things(tmp_path):
     assert [(c.id, c.isthing) for c in categories] == [(1, True), (2, True)]
 
 
+def test_category_names_are_unique(tmp_path):
+    """report.json counts segments and pixels by category name."""
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"categories": [GOOD_ENTRY, GOOD_ENTRY | {"label_id": 1, "id": 8}]}))
+    with pytest.raises(LabelMapError, match=r"category names must be unique, \['a'\] repeat"):
+        load_categories({0: "a", 1: "b"}, tmp_path, str(path))
+    categories = load_categories({0: "cell", 1: "cell", 2: "nucleus"}, tmp_path)  # no label map
+    assert [c.name for c in categories] == ["cell (0)", "cell (1)", "nucleus"]
+
+
 def test_user_label_map_must_cover_every_label(tmp_path):
     path = tmp_path / "map.json"
     path.write_text(json.dumps({"categories": [{"label_id": 0, "id": 7, "name": "a", "isthing": 1}]}))
