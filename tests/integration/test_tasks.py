@@ -101,8 +101,11 @@ def test_coco_instances_score_ap_one_against_the_reference(tasks_run, reference,
     assert len({a["category_id"] for a in truth["annotations"]}) >= 2
     assert len(ours.dataset["annotations"]) == len(truth["annotations"])
     (tmp_path / "truth.json").write_text(json.dumps(truth))
-    evaluation = COCOeval(COCO(str(tmp_path / "truth.json")), ours, iouType="segm")
-    evaluation.evaluate()
-    evaluation.accumulate()
-    evaluation.summarize()
-    assert evaluation.stats[0] == pytest.approx(1.0)  # mask AP over IoU 0.50:0.95
+    gt = COCO(str(tmp_path / "truth.json"))
+    # as detections: the file itself, or its annotations through loadRes (as the README says)
+    for detections in (ours, gt.loadRes(json.loads((tasks_run / "coco" / "instances.json").read_text())["annotations"])):
+        evaluation = COCOeval(gt, detections, iouType="segm")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+        assert evaluation.stats[0] == pytest.approx(1.0)  # mask AP over IoU 0.50:0.95
