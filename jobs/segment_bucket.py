@@ -96,11 +96,14 @@ def _concurrency(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def _id_set(text: str) -> frozenset[int]:
+def _labels_to_fuse(text: str) -> tuple[frozenset[int], bool]:
+    """Comma-separated label ids, and the word `stuff` for every stuff class -> (ids, stuff named)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
-        return frozenset(int(p) for p in text.split(",") if p.strip())
+        return frozenset(int(p) for p in parts if p != "stuff"), "stuff" in parts
     except ValueError:
-        raise argparse.ArgumentTypeError("expected comma-separated label ids, e.g. 0,1") from None
+        raise argparse.ArgumentTypeError("expected comma-separated label ids and/or the word stuff, e.g. 0,1 "
+                                         "or stuff") from None
 
 
 def _tasks(text: str) -> tuple[str, ...]:
@@ -162,8 +165,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mask probability above which a pixel belongs to a query's mask (default: 0.5)")
     p.add_argument("--overlap-mask-area-threshold", type=_fraction, default=0.8,
                    help="minimum visible/total area ratio for a query's mask to be kept (default: 0.8)")
-    p.add_argument("--label-ids-to-fuse", type=_id_set, default=frozenset(),
-                   help="comma-separated label ids whose instances merge into one segment (e.g. stuff classes)")
+    p.add_argument("--label-ids-to-fuse", type=_labels_to_fuse, default=(frozenset(), False),
+                   help="comma-separated label ids whose instances merge into one segment per image; the word "
+                        "stuff names every stuff class, one segment each, as in COCO panoptic")
     p.add_argument("--limit", type=_positive, help="process at most this many inputs (in listing order)")
     p.add_argument("--max-error-ratio", type=_fraction, default=0.5,
                    help="stop (after committing what is done) once more than this share of images failed, "
@@ -179,13 +183,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    fuse, fuse_stuff = args.label_ids_to_fuse
     return RunConfig(
         input=args.input, output=args.output, model=args.model, label_map=args.label_map, dtype=args.dtype,
         limit=args.limit, overwrite=args.overwrite, retry_failed=args.retry_failed, previews=args.previews,
         max_error_ratio=args.max_error_ratio,
         storage=StorageConfig(endpoint_url=args.endpoint_url, anonymous=args.anonymous),
         postprocess=PostprocessConfig(args.threshold, args.mask_threshold, args.overlap_mask_area_threshold,
-                                      args.label_ids_to_fuse, args.tasks),
+                                      fuse, args.tasks, fuse_stuff),
         execution=ExecutionConfig(batch_size=args.batch_size, concurrency=args.concurrency,
                                   shard_size=args.shard_size, compile=args.compile),
     )

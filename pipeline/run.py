@@ -336,6 +336,10 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
         raise ModelError(f"--label-ids-to-fuse: the model has no label ids {unknown} (its label ids: "
                          f"{min(labels)} to {max(labels)}; label ids are the model's, not COCO category ids)")
     categories = load_categories(labels, model_dir, config.label_map, config.storage.options(config.label_map or ""))
+    if config.postprocess.fuse_stuff:  # as the ids themselves: recorded, and compared with later runs', as such
+        stuff = {c.label_id for c in categories if not c.isthing}
+        config = replace(config, postprocess=replace(config.postprocess, fuse_stuff=False,
+                                                     label_ids_to_fuse=config.postprocess.label_ids_to_fuse | stuff))
     first = next(iter_inputs(config.input, config.storage, config.output), None)
     if first is None:
         raise InputError(f"no images found under {config.input}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.config import PostprocessConfig
 from pipeline.decode import decode_image
 from pipeline.labels import load_categories
 from pipeline.listing import iter_inputs
@@ -207,3 +210,39 @@ def test_previews_render_in_a_browser(batched_run, tmp_path):
     # The page background is a flat light grey; rendered overlays bring many distinct colours.
     colours = {tuple(c) for c in pixels.reshape(-1, 3)[::7]}
     assert len(colours) > 500
+
+
+def test_fusing_stuff_gives_one_segment_per_stuff_class_and_the_same_labels(ray_runtime, batched_run, tmp_path):
+    """`--label-ids-to-fuse stuff`: COCO panoptic's one segment per stuff class and image. Fusing
+    merges ids only: every pixel keeps its category. The bundled model never finds two segments of
+    one stuff class, so here boxes, of which some scenes have several, are declared stuff."""
+    label_map = json.loads((BUNDLED_DIR / "label_map.json").read_text())
+    for category in label_map["categories"]:
+        category["isthing"] = int(category["isthing"] and category["name"] != "box")
+    (tmp_path / "label_map.json").write_text(json.dumps(label_map))
+    output = tmp_path / "out"
+    run(RunConfig(input=str(SAMPLES), output=str(output), label_map=str(tmp_path / "label_map.json"),
+                  postprocess=PostprocessConfig(fuse_stuff=True)))
+
+    def categories(output: Path) -> dict[str, tuple[np.ndarray, list[dict]]]:
+        maps = segment_maps(output)
+        result = {}
+        for row in images_table(output):
+            lut = np.zeros(max(s["id"] for s in row["segments"]) + 1, np.int64)
+            for s in row["segments"]:
+                lut[s["id"]] = s["category_id"]
+            result[row["key"]] = (lut[maps[row["key"]]], row["segments"])
+        return result
+
+    fused, unfused = categories(output), categories(batched_run)
+    stuff = {c["id"] for c in label_map["categories"] if not c["isthing"]}
+    repeated = {key for key, (_, segments) in unfused.items()
+                if max(Counter(s["category_id"] for s in segments if s["category_id"] in stuff).values()) > 1}
+    assert len(repeated) >= 2  # the case is exercised: unfused, images with several segments of one stuff class
+    for key, (pixels, segments) in fused.items():
+        assert np.array_equal(pixels, unfused[key][0])
+        of_stuff = [s["category_id"] for s in segments if s["category_id"] in stuff]
+        assert of_stuff and len(of_stuff) == len(set(of_stuff))
+        assert len(segments) < len(unfused[key][1]) if key in repeated else len(segments) == len(unfused[key][1])
+    settings = json.loads((output / "_state" / "settings.json").read_text())
+    assert settings["postprocess"]["label_ids_to_fuse"] == [0, 1, 3] and not settings["postprocess"]["fuse_stuff"]

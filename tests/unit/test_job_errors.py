@@ -27,3 +27,16 @@ WRAPPED = "\n\nThe above exception was the direct cause of the following excepti
 ])
 def test_only_the_error_a_task_died_of_decides(text, expected):
     assert job._remote_user_error(text) == expected
+
+
+@pytest.mark.parametrize("text, fuse, stuff", [("", frozenset(), False), ("1,5", {1, 5}, False),
+                                               ("stuff", frozenset(), True), ("stuff, 7", {7}, True)])
+def test_label_ids_to_fuse_takes_ids_and_the_word_stuff(text, fuse, stuff):
+    config = job.config_from_args(job.parse_args(["--input", "in", "--output", "out", "--label-ids-to-fuse", text]))
+    assert (config.postprocess.label_ids_to_fuse, config.postprocess.fuse_stuff) == (fuse, stuff)
+
+
+def test_label_ids_to_fuse_refuses_other_words(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        job.parse_args(["--input", "in", "--output", "out", "--label-ids-to-fuse", "sky"])
+    assert stopped.value.code == 2 and "ids and/or the word stuff" in capsys.readouterr().err
