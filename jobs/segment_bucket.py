@@ -190,7 +190,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         max_error_ratio=args.max_error_ratio,
         storage=StorageConfig(endpoint_url=args.endpoint_url, anonymous=args.anonymous),
         postprocess=PostprocessConfig(args.threshold, args.mask_threshold, args.overlap_mask_area_threshold,
-                                      fuse, args.tasks, fuse_stuff),
+                                      fuse, args.tasks),
+        fuse_stuff=fuse_stuff,
         execution=ExecutionConfig(batch_size=args.batch_size, concurrency=args.concurrency,
                                   shard_size=args.shard_size, compile=args.compile),
     )

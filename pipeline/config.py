@@ -30,7 +30,6 @@ class PostprocessConfig:
     overlap_mask_area_threshold: float = 0.8
     label_ids_to_fuse: frozenset[int] = field(default_factory=frozenset)
     tasks: tuple[str, ...] = ("panoptic",)
-    fuse_stuff: bool = False  # also fuse every stuff class (as COCO panoptic has them): run() adds their ids
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", canonical_tasks(self.tasks))

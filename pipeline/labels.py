@@ -85,15 +85,19 @@ def _check(categories: list[Category], id2label: Mapping[int, str], source: str)
     missing = sorted(set(id2label) - set(by_label))
     if missing:
         raise LabelMapError(f"label map {source} has no entry for model label ids {missing[:10]}")
-    chosen = tuple(by_label[i] for i in sorted(id2label))
-    ids = [c.id for c in chosen]
+    return _unique([by_label[i] for i in sorted(id2label)], f"label map {source}")
+
+
+def _unique(categories: list[Category], source: str) -> tuple[Category, ...]:
+    """The categories, once their ids and names are checked unique: report.json and the previews
+    name categories, and the tables' `label` column is the name."""
+    ids = [c.id for c in categories]
     if len(set(ids)) != len(ids) or min(ids) < 1:
-        raise LabelMapError(f"label map {source}: category ids must be unique and >= 1 (0 is void)")
-    # report.json and the previews name categories, and the tables' `label` column is the name
-    repeated = sorted(name for name, n in Counter(c.name for c in chosen).items() if n > 1)
+        raise LabelMapError(f"{source}: category ids must be unique and >= 1 (0 is void)")
+    repeated = sorted(name for name, n in Counter(c.name for c in categories).items() if n > 1)
     if repeated:
-        raise LabelMapError(f"label map {source}: category names must be unique, {repeated[:10]} repeat")
-    return chosen
+        raise LabelMapError(f"{source}: category names must be unique, {repeated[:10]} repeat")
+    return tuple(categories)
 
 
 def load_categories(id2label: Mapping[int, str], model_dir: Path, label_map: str | None = None,
@@ -115,9 +119,8 @@ def load_categories(id2label: Mapping[int, str], model_dir: Path, label_map: str
         return _check(_parse(local.read_text(), str(local)), id2label, str(local))
     coco = {c.name: c for c in _parse(COCO_PANOPTIC_MAP.read_text(), "built-in COCO panoptic map")}
     if all(name in coco for name in id2label.values()):
-        return tuple(
-            Category(i, coco[name].id, name, coco[name].isthing, coco[name].color, coco[name].supercategory)
-            for i, name in sorted(id2label.items())
-        )
+        return _unique([Category(i, coco[name].id, name, coco[name].isthing, coco[name].color, coco[name].supercategory)
+                        for i, name in sorted(id2label.items())],
+                       "the model's class names, as categories of the built-in COCO panoptic map (pass --label-map)")
     log.warning("no label map for this checkpoint: treating all %d classes as things (pass --label-map)", len(id2label))
-    return tuple(_fallback(id2label))
+    return _unique(_fallback(id2label), "the model's class names (pass --label-map)")

@@ -108,19 +108,21 @@ class Predictor:
             torch.set_num_threads(cpu_threads(config.actors))
         directory = local_dir(ModelSource(config.model, config.storage))
         self.model, self.processor = load_model_and_processor(directory, self.device)
-        self._check_it_runs(directory)
         if config.compile:
             # dynamic sizes: a batch holds several image shapes and every group a different size,
             # so one compile serves all but groups of one image (torch specialises size 1)
             self.model = torch.compile(self.model, dynamic=True)
+        self._check_it_runs(directory)
 
     def _check_it_runs(self, directory: object) -> None:
-        """One small image through the whole of `infer`: a checkpoint whose processor config or
-        model cannot run (a `size` transformers cannot apply, say) is refused at start-up, instead
-        of failing every image, each committed as an error row. (Before compiling: a group of one
-        image would compile a graph of its own.)"""
+        """A small test image resized and through the model: a checkpoint whose processor config or
+        model cannot run (a `size` transformers cannot apply, a node that cannot compile) is
+        refused at start-up, instead of failing every image, each committed as an error row.
+        Compiled, two of them: a group of one image would compile a graph of its own; and not square,
+        or torch would specialise the graph to height == width and compile again for the first photo."""
+        images = [np.zeros((48, 64, 3), np.uint8)] * (2 if self.config.compile else 1)
         try:
-            self.infer([np.zeros((64, 64, 3), np.uint8)], [(64, 64)])
+            self._model_outputs([resize_for_model(image, self.processor, self.device) for image in images])
         except Exception as exc:  # whatever it is, it would fail every image
             first_line = (str(exc).strip().splitlines() or [""])[0]
             raise ModelError(f"model in {directory} cannot segment a test image: {type(exc).__name__}: "
@@ -141,7 +143,9 @@ class Predictor:
                 results[i] = result
         return results
 
-    def _forward(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[ImageResult]:
+    def _model_outputs(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Resized (3, h, w) uint8 images -> class logits (B, Q, C+1) and mask logits (B, Q, h', w'),
+        float32, as the checkpoint's processor post-processes them, and each image's valid (h', w')."""
         pixels, pixel_mask = pad_batch(images)
         with inference(self.device, self.dtype):
             outputs = self.model(pixel_values=normalize(pixels, pixel_mask, self.processor), pixel_mask=pixel_mask)
@@ -151,8 +155,11 @@ class Predictor:
                  for im in images]
         if self.model.config.model_type == "mask2former":
             masks, valid = as_mask2former_processor(masks, valid)
-        classes, post = outputs.class_queries_logits.float(), self.config.postprocess
-        n = len(images)
+        return outputs.class_queries_logits.float(), masks, valid
+
+    def _forward(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[ImageResult]:
+        classes, masks, valid = self._model_outputs(images)
+        post, n = self.config.postprocess, len(images)
         panoptic = panoptic_segmentation(classes, masks, valid, sizes, post)
         semantic = semantic_segmentation(classes, masks, valid, sizes) if "semantic" in post.tasks else [None] * n
         instances = (instance_segmentation(classes, masks, valid, sizes, post.threshold)

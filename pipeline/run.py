@@ -78,6 +78,9 @@ class RunConfig:
     overwrite: bool = False  # delete an existing output first (e.g. to change model)
     retry_failed: bool = False  # redo the images that earlier runs committed as failed
     postprocess: PostprocessConfig = PostprocessConfig()
+    # also fuse every stuff class of the label map (COCO panoptic's one segment per stuff class):
+    # run() adds their ids to postprocess.label_ids_to_fuse, which is what outputs record
+    fuse_stuff: bool = False
     execution: ExecutionConfig = ExecutionConfig()
     storage: StorageConfig = StorageConfig()
 
@@ -336,10 +339,12 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
         raise ModelError(f"--label-ids-to-fuse: the model has no label ids {unknown} (its label ids: "
                          f"{min(labels)} to {max(labels)}; label ids are the model's, not COCO category ids)")
     categories = load_categories(labels, model_dir, config.label_map, config.storage.options(config.label_map or ""))
-    if config.postprocess.fuse_stuff:  # as the ids themselves: recorded, and compared with later runs', as such
+    if config.fuse_stuff:
         stuff = {c.label_id for c in categories if not c.isthing}
-        config = replace(config, postprocess=replace(config.postprocess, fuse_stuff=False,
-                                                     label_ids_to_fuse=config.postprocess.label_ids_to_fuse | stuff))
+        if not stuff:
+            progress("warning: --label-ids-to-fuse stuff: the label map has no stuff class, so it fuses nothing")
+        config = replace(config, fuse_stuff=False, postprocess=replace(
+            config.postprocess, label_ids_to_fuse=config.postprocess.label_ids_to_fuse | stuff))
     first = next(iter_inputs(config.input, config.storage, config.output), None)
     if first is None:
         raise InputError(f"no images found under {config.input}")

@@ -110,7 +110,11 @@ def _preview(out: ShardOutput, key: str, uri: str, segment_ids: np.ndarray, segm
         rgb = decode_image(read_bytes(uri, out.input_storage))
     except ImageFailure:  # the input changed since it was segmented: no preview, the result stands
         return
-    write_preview(out.store, key, rgb, segment_ids, [s | {"color": colors[s["category_id"]]} for s in segments])
+    try:
+        write_preview(out.store, key, rgb, segment_ids, [s | {"color": colors[s["category_id"]]} for s in segments])
+    except OSError as exc:  # previews/<key>.jpg clashes where panoptic/<key>.png does not: no preview
+        if _name_problem(exc) is None:
+            raise
 
 
 STAGE_SECONDS = ("seconds_prepare", "seconds_infer", "seconds_write")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import PostprocessConfig
 from pipeline.decode import decode_image
 from pipeline.labels import load_categories
 from pipeline.listing import iter_inputs
@@ -222,7 +221,7 @@ def test_fusing_stuff_gives_one_segment_per_stuff_class_and_the_same_labels(ray_
     (tmp_path / "label_map.json").write_text(json.dumps(label_map))
     output = tmp_path / "out"
     run(RunConfig(input=str(SAMPLES), output=str(output), label_map=str(tmp_path / "label_map.json"),
-                  postprocess=PostprocessConfig(fuse_stuff=True)))
+                  fuse_stuff=True))
 
     def categories(output: Path) -> dict[str, tuple[np.ndarray, list[dict]]]:
         maps = segment_maps(output)
@@ -245,4 +244,6 @@ def test_fusing_stuff_gives_one_segment_per_stuff_class_and_the_same_labels(ray_
         assert of_stuff and len(of_stuff) == len(set(of_stuff))
         assert len(segments) < len(unfused[key][1]) if key in repeated else len(segments) == len(unfused[key][1])
     settings = json.loads((output / "_state" / "settings.json").read_text())
-    assert settings["postprocess"]["label_ids_to_fuse"] == [0, 1, 3] and not settings["postprocess"]["fuse_stuff"]
+    # recorded as the ids, in the settings' shape of earlier versions: their outputs resume
+    assert settings["postprocess"] == {"threshold": 0.5, "mask_threshold": 0.5, "overlap_mask_area_threshold": 0.8,
+                                       "label_ids_to_fuse": [0, 1, 3], "tasks": ["panoptic"]}

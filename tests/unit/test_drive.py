@@ -68,10 +68,10 @@ def test_sigterm_interrupts_inside_and_the_previous_handler_is_back_after():
     def previous(signum, frame):
         raise AssertionError("the previous handler ran inside")
 
-    signal.signal(signal.SIGTERM, previous)
+    found = signal.signal(signal.SIGTERM, previous)
     try:
         with pytest.raises(Terminated), _sigterm_interrupts():
             signal.raise_signal(signal.SIGTERM)  # runs the handler before it returns
         assert signal.getsignal(signal.SIGTERM) is previous
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, found)

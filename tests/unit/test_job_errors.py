@@ -33,7 +33,7 @@ def test_only_the_error_a_task_died_of_decides(text, expected):
                                                ("stuff", frozenset(), True), ("stuff, 7", {7}, True)])
 def test_label_ids_to_fuse_takes_ids_and_the_word_stuff(text, fuse, stuff):
     config = job.config_from_args(job.parse_args(["--input", "in", "--output", "out", "--label-ids-to-fuse", text]))
-    assert (config.postprocess.label_ids_to_fuse, config.postprocess.fuse_stuff) == (fuse, stuff)
+    assert (config.postprocess.label_ids_to_fuse, config.fuse_stuff) == (fuse, stuff)
 
 
 def test_label_ids_to_fuse_refuses_other_words(capsys):

@@ -36,6 +36,10 @@ def test_category_names_are_unique(tmp_path):
         load_categories({0: "a", 1: "b"}, tmp_path, str(path))
     categories = load_categories({0: "cell", 1: "cell", 2: "nucleus"}, tmp_path)  # no label map
     assert [c.name for c in categories] == ["cell (0)", "cell (1)", "nucleus"]
+    with pytest.raises(LabelMapError, match=r"class names \(pass --label-map\): category names must be unique"):
+        load_categories({0: "cell", 1: "cell", 2: "cell (1)"}, tmp_path)
+    with pytest.raises(LabelMapError, match="built-in COCO panoptic map .*category ids must be unique"):
+        load_categories({0: "person", 1: "person"}, tmp_path)
 
 
 def test_user_label_map_must_cover_every_label(tmp_path):

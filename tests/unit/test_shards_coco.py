@@ -178,3 +178,20 @@ def test_an_image_whose_output_name_is_taken_fails_alone_at_writing(tmp_path):
     assert committed_keys(store) == {"a.jpg", "a.jpg.png/b.jpg", "c.jpg", "x.jpg.png/y.jpg", "x.jpg"}
     assert sorted(r["key"] for r in pq.read_table(tmp_path / "tables/images").to_pylist()) == [
         "a.jpg", "c.jpg", "x.jpg.png/y.jpg"]
+
+
+def test_a_preview_whose_name_is_taken_is_skipped_and_the_image_stands(tmp_path):
+    """previews/<key>.jpg can clash where panoptic/<key>.png cannot: `a.jpg` and `a.jpg.jpg/b.jpg`."""
+    from PIL import Image
+
+    (tmp_path / "in" / "a.jpg.jpg").mkdir(parents=True)
+    for key in ("a.jpg", "a.jpg.jpg/b.jpg"):
+        Image.new("RGB", (5, 4), (10, 20, 30)).save(tmp_path / "in" / key, format="JPEG")
+    store = OutputStore(str(tmp_path / "out"))
+    batch = _batch(["a.jpg", "a.jpg.jpg/b.jpg"])
+    batch["uri"] = np.asarray([str(tmp_path / "in" / k) for k in batch["key"]])
+    batch["preview"] = np.ones(2, dtype=bool)
+    status = write_shard(batch, ShardOutput(store, CATEGORIES, "run1", "m"))
+    assert status["ok"].tolist() == [True, True]
+    assert (tmp_path / "out/previews/a.jpg.jpg").is_file()  # the first preview; the second had no room
+    assert (tmp_path / "out/panoptic/a.jpg.jpg/b.jpg.png").is_file()
