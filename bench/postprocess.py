@@ -8,6 +8,8 @@ have spatially smooth, confident masks that tile the image, about 30 kept querie
 "random" logits are i.i.d. noise with every query kept: the worst case for ours (no cell is
 uniform), and no segment survives. "bundled" logits are the bundled checkpoint's real outputs
 for 8 generated scenes at 640x480 (12 queries, masks at 1/4 of its 128-pixel input: 32x43).
+"mask2former": the realistic logits at 96x128, against Mask2Former's processor, which resizes
+them to 384x384 first.
 
 Both sides run with the inference actor's heap settings (`pipeline.memory.reuse_freed_memory`):
 with glibc's defaults the MB-sized temporaries of both page-fault in anew on every image.
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import PostprocessConfig  # noqa: E402
 from pipeline.memory import reuse_freed_memory  # noqa: E402
-from pipeline.postprocess import panoptic_segmentation, semantic_segmentation  # noqa: E402
+from pipeline.postprocess import MASK2FORMER_LOGITS_SIZE, panoptic_segmentation, semantic_segmentation  # noqa: E402
 from pipeline.postprocess_instance import instance_segmentation  # noqa: E402
 
 BATCH, QUERIES, CLASSES, MASK_H, MASK_W, TARGET = 8, 100, 133, 200, 267, (480, 640)
@@ -76,6 +78,13 @@ def bundled_logits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return outputs.class_queries_logits, outputs.masks_queries_logits
 
 
+def mask2former_logits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The realistic logits as a Mask2Former COCO checkpoint makes them: masks at 1/4 of its
+    384-pixel input (96x128), which its processor resizes to 384x384 before post-processing."""
+    classes, masks = realistic_logits(seed)
+    return classes, torch.nn.functional.interpolate(masks, size=(96, 128), mode="bilinear", align_corners=False)
+
+
 def _outputs(classes, masks) -> SimpleNamespace:
     return SimpleNamespace(class_queries_logits=classes, masks_queries_logits=masks.clone())
 
@@ -96,6 +105,23 @@ def panoptic_pair(config: PostprocessConfig):
 
     def ours(classes, masks):
         return panoptic_segmentation(classes, masks, [masks.shape[-2:]] * BATCH, [TARGET] * BATCH, config)
+
+    return reference, ours, lambda results: sum(len(r.segments) for r in results) / BATCH
+
+
+def mask2former_panoptic_pair(config: PostprocessConfig):
+    """Panoptic against Mask2Former's own processor."""
+    from transformers import Mask2FormerImageProcessor
+
+    def reference(classes, masks):
+        return Mask2FormerImageProcessor().post_process_panoptic_segmentation(
+            _outputs(classes, masks), threshold=config.threshold, mask_threshold=config.mask_threshold,
+            overlap_mask_area_threshold=config.overlap_mask_area_threshold, label_ids_to_fuse=set(),
+            target_sizes=[TARGET] * BATCH)
+
+    def ours(classes, masks):
+        return panoptic_segmentation(classes, masks, [masks.shape[-2:]] * BATCH, [TARGET] * BATCH, config,
+                                     MASK2FORMER_LOGITS_SIZE)
 
     return reference, ours, lambda results: sum(len(r.segments) for r in results) / BATCH
 
@@ -147,7 +173,7 @@ def main() -> None:
     print(f"{'task':9s} {'logits':10s} {'found/img':>10s} {'reference s':>12s} {'ours s':>8s} {'speed-up':>9s}")
     cases = [("panoptic", panoptic_pair, realistic_logits), ("panoptic", panoptic_pair, random_logits),
              ("panoptic", panoptic_pair, bundled_logits), ("semantic", semantic_pair, realistic_logits),
-             ("instance", instance_pair, realistic_logits)]
+             ("instance", instance_pair, realistic_logits), ("panoptic", mask2former_panoptic_pair, mask2former_logits)]
     for task, pair, make in cases:
         classes, masks = (t.to(args.device) for t in make())
         reference, ours, found = pair(config)

@@ -27,6 +27,25 @@ from pipeline.config import PostprocessConfig
 from pipeline.results import PanopticResult, Segment
 
 
+# Mask2Former's processor resizes every image's mask logits to this size before post-processing
+# ("the preprocessed image size for all models"), then goes on as MaskFormer's, which this module follows.
+MASK2FORMER_LOGITS_SIZE = (384, 384)
+
+
+def cropped_logits(mask_logits: torch.Tensor, i: int, valid: tuple[int, int], size: tuple[int, int] | None,
+                   queries: torch.Tensor | None = None) -> torch.Tensor:
+    """Image i's mask logits, (B, Q, h, w) -> (Q', vh, vw) or (Q', *size): its valid region, the `queries` given
+    (all by default), resized to `size` when the checkpoint's processor resizes them first (a
+    Mask2Former's: MASK2FORMER_LOGITS_SIZE). Resizing is per query, so selecting first saves the
+    resize of queries that make nothing. A fresh tensor when queries or a size are given, else a view."""
+    logits = mask_logits[i, :, :valid[0], :valid[1]]
+    if queries is not None:
+        logits = logits.index_select(0, queries)
+    if size is None:
+        return logits
+    return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
 def segment_ids_per_query(labels: torch.Tensor, valid: torch.Tensor, fuse: frozenset[int]) -> torch.Tensor:
     """Segment id of each query in query order, as the reference numbers them.
 
@@ -176,13 +195,15 @@ def _one_image(probs: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, 
 
 def panoptic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
                           valid_sizes: Sequence[tuple[int, int]], target_sizes: Sequence[tuple[int, int]],
-                          config: PostprocessConfig) -> list[PanopticResult]:
+                          config: PostprocessConfig, logits_size: tuple[int, int] | None = None) -> list[PanopticResult]:
     """Panoptic segmentation of each image of a padded batch, at its original size.
 
     class_logits: (B, Q, C+1) float, last class = "no object"
     mask_logits: (B, Q, h, w) float, for the padded batch
     valid_sizes: per image (vh, vw), its unpadded region of `mask_logits` (top-left anchored)
     target_sizes: per image (H, W), its original size
+    logits_size: the size the checkpoint's processor resizes each image's mask logits to first, if
+    it does (see `cropped_logits`)
     """
     scores, labels = F.softmax(class_logits, dim=-1).max(-1)  # (B, Q)
     keep = labels.ne(class_logits.shape[-1] - 1) & (scores > config.threshold)
@@ -192,34 +213,14 @@ def panoptic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
         if kept.numel() == 0:
             results.append(PanopticResult(np.zeros(tuple(target), np.int32), ()))
             continue
-        probs = mask_logits[i, :, :vh, :vw].index_select(0, kept).sigmoid_()  # index_select made a copy
+        probs = cropped_logits(mask_logits, i, (vh, vw), logits_size, kept).sigmoid_()
         results.append(_one_image(probs, scores[i, kept], labels[i, kept], tuple(target), config))
     return results
 
 
-MASK2FORMER_MASK_SIZE = (384, 384)
-
-
-def as_mask2former_processor(mask_logits: torch.Tensor,
-                             valid_sizes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Mask logits as Mask2Former's image processor post-processes them: its panoptic, semantic
-    and instance post-processings first resize the mask logits to 384x384 ("the preprocessed
-    image size for all models") and then go on as MaskFormer's, which the functions here follow.
-    Each image's valid region is what is resized, as everywhere in this module.
-
-    mask_logits: (B, Q, h, w) float -> (B, Q, 384, 384), and every valid size becomes (384, 384).
-    """
-    batch, queries = mask_logits.shape[:2]
-    scaled = mask_logits.new_empty((batch, queries, *MASK2FORMER_MASK_SIZE))  # 0.6 MB per query and image
-    for i, (vh, vw) in enumerate(valid_sizes):
-        scaled[i] = F.interpolate(mask_logits[i:i + 1, :, :vh, :vw], size=MASK2FORMER_MASK_SIZE, mode="bilinear",
-                                  align_corners=False)[0]
-    return scaled, [MASK2FORMER_MASK_SIZE] * len(valid_sizes)
-
-
 def semantic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
-                          valid_sizes: Sequence[tuple[int, int]],
-                          target_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+                          valid_sizes: Sequence[tuple[int, int]], target_sizes: Sequence[tuple[int, int]],
+                          logits_size: tuple[int, int] | None = None) -> list[np.ndarray]:
     """Class-id map of each image at its original size, as `post_process_semantic_segmentation`.
 
     Same inputs as `panoptic_segmentation`. The reference upsamples all C class maps
@@ -232,7 +233,7 @@ def semantic_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     maps = []
     for i, ((vh, vw), target) in enumerate(zip(valid_sizes, target_sizes)):
         class_maps = torch.einsum(  # batched, as the reference: same kernel, same floats
-            "bqc,bqhw->bchw", class_probs[i:i + 1], mask_logits[i:i + 1, :, :vh, :vw].sigmoid())[0]
+            "bqc,bqhw->bchw", class_probs[i:i + 1], cropped_logits(mask_logits, i, (vh, vw), logits_size)[None].sigmoid())[0]
         ones = torch.ones(classes, dtype=class_maps.dtype, device=class_maps.device)
         _, _, winners = _query_areas(class_maps, ones, tuple(target), None)  # x 1.0 is exact
         ids = torch.arange(classes, dtype=torch.uint8 if classes <= 256 else torch.int32, device=class_maps.device)

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.postprocess import cropped_logits
 from pipeline.results import InstanceMask, InstanceResult
 
 
@@ -70,11 +71,12 @@ def instance_one(class_probs: torch.Tensor, mask_logits: torch.Tensor, target: t
 
 def instance_segmentation(class_logits: torch.Tensor, mask_logits: torch.Tensor,
                           valid_sizes: Sequence[tuple[int, int]], target_sizes: Sequence[tuple[int, int]],
-                          threshold: float) -> list[InstanceResult]:
+                          threshold: float, logits_size: tuple[int, int] | None = None) -> list[InstanceResult]:
     """Instances of each image of a padded batch at its original size, as the reference's
     `post_process_instance_segmentation(threshold=threshold, return_binary_maps=True)` on each
     image's cropped masks. Inputs as `postprocess.panoptic_segmentation`: class_logits (B, Q, C+1),
-    mask_logits (B, Q, h, w), valid_sizes and target_sizes (B,) of (H, W)."""
+    mask_logits (B, Q, h, w), valid_sizes and target_sizes (B,) of (H, W), logits_size."""
     class_probs = class_logits.softmax(dim=-1)[..., :-1]  # (B, Q, C)
-    return [instance_one(class_probs[i], mask_logits[i, :, :vh, :vw], (int(target[0]), int(target[1])), threshold)
+    return [instance_one(class_probs[i], cropped_logits(mask_logits, i, (vh, vw), logits_size),
+                         (int(target[0]), int(target[1])), threshold)
             for i, ((vh, vw), target) in enumerate(zip(valid_sizes, target_sizes))]

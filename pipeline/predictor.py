@@ -22,7 +22,7 @@ from pipeline.encode import smallest_id_dtype
 from pipeline.failures import INFER
 from pipeline.memory import release_free_memory, reuse_freed_memory
 from pipeline.model import ModelError, ModelSource, load_model_and_processor, local_dir
-from pipeline.postprocess import as_mask2former_processor, panoptic_segmentation, semantic_segmentation
+from pipeline.postprocess import MASK2FORMER_LOGITS_SIZE, panoptic_segmentation, semantic_segmentation
 from pipeline.postprocess_instance import instance_segmentation
 from pipeline.preprocess import resize_for_model
 from pipeline.results import ImageResult, InstanceResult, PanopticResult
@@ -108,6 +108,7 @@ class Predictor:
             torch.set_num_threads(cpu_threads(config.actors))
         directory = local_dir(ModelSource(config.model, config.storage))
         self.model, self.processor = load_model_and_processor(directory, self.device)
+        self.logits_size = MASK2FORMER_LOGITS_SIZE if self.model.config.model_type == "mask2former" else None
         if config.compile:
             # dynamic sizes: a batch holds several image shapes and every group a different size,
             # so one compile serves all but groups of one image (torch specialises size 1)
@@ -145,7 +146,7 @@ class Predictor:
 
     def _model_outputs(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
         """Resized (3, h, w) uint8 images -> class logits (B, Q, C+1) and mask logits (B, Q, h', w'),
-        float32, as the checkpoint's processor post-processes them, and each image's valid (h', w')."""
+        float32, and each image's valid (h', w')."""
         pixels, pixel_mask = pad_batch(images)
         with inference(self.device, self.dtype):
             outputs = self.model(pixel_values=normalize(pixels, pixel_mask, self.processor), pixel_mask=pixel_mask)
@@ -153,16 +154,14 @@ class Predictor:
         padded_h, padded_w = pixels.shape[-2:]
         valid = [(round(im.shape[1] * masks.shape[-2] / padded_h), round(im.shape[2] * masks.shape[-1] / padded_w))
                  for im in images]
-        if self.model.config.model_type == "mask2former":
-            masks, valid = as_mask2former_processor(masks, valid)
         return outputs.class_queries_logits.float(), masks, valid
 
     def _forward(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[ImageResult]:
         classes, masks, valid = self._model_outputs(images)
-        post, n = self.config.postprocess, len(images)
-        panoptic = panoptic_segmentation(classes, masks, valid, sizes, post)
-        semantic = semantic_segmentation(classes, masks, valid, sizes) if "semantic" in post.tasks else [None] * n
-        instances = (instance_segmentation(classes, masks, valid, sizes, post.threshold)
+        post, n, size = self.config.postprocess, len(images), self.logits_size
+        panoptic = panoptic_segmentation(classes, masks, valid, sizes, post, size)
+        semantic = semantic_segmentation(classes, masks, valid, sizes, size) if "semantic" in post.tasks else [None] * n
+        instances = (instance_segmentation(classes, masks, valid, sizes, post.threshold, size)
                      if "instance" in post.tasks else [None] * n)
         return [ImageResult(*parts) for parts in zip(panoptic, semantic, instances)]
 
