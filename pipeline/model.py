@@ -65,17 +65,20 @@ def _copy_remote_dir(uri: str, storage: StorageConfig) -> Path:
     # keyed by the files' names, sizes and ETags too: new weights uploaded to the same URI are
     # copied again, not served stale from the cache
     version = sorted(file_version(f) for f in files)
-    target = _cache_root() / hashlib.sha256(json.dumps([uri, version]).encode()).hexdigest()[:16]
+    target = _cache_root() / hashlib.sha256(json.dumps([uri.rstrip("/"), version]).encode()).hexdigest()[:16]
     if target.is_dir():
         return target
     names = [name for name, _, _ in version]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
-    for name in names:
-        fs.get(name, str(staging / Path(name).name))
     try:
+        for name in names:
+            fs.get_file(name, str(staging / Path(name).name))  # `get` would expand glob characters
         staging.rename(target)
-    except OSError:  # another worker on this node finished first
+    except OSError:  # another worker on this node finished first, or the copy failed
+        if not target.is_dir():
+            raise
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 

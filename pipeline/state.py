@@ -70,7 +70,6 @@ def clear_outputs(store: OutputStore) -> None:
     """Delete everything a run writes under the output (for --overwrite); NotAnOutput, deleting
     nothing, if the folder holds such names but no run of this pipeline made it (a mistyped
     --output must not cost a user their own coco/ or tables/)."""
-    fs = store.fs
     present = [name for name in (*OUTPUT_DIRS, *OUTPUT_FILES) if store.exists(name)]
     if present and not store.exists(SETTINGS) and not store.list(RUNS_DIR):
         raise NotAnOutput(
@@ -78,7 +77,7 @@ def clear_outputs(store: OutputStore) -> None:
             f"(it has no {SETTINGS}): nothing was deleted; choose another --output")
     for name in OUTPUT_DIRS:
         if store.exists(name):
-            fs.rm(store.path(name), recursive=True)
+            store.delete_tree(name)
     for name in OUTPUT_FILES:
         if store.exists(name):
             store.delete(name)

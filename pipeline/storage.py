@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import IO, Iterator, Sequence
 import fsspec
 
 from pipeline.remote import StorageConfig, file_system, file_version
+
+S3_DELETE_KEYS = 1000  # the most keys one DeleteObjects request takes
 
 @dataclass(frozen=True)
 class OutputStore:
@@ -33,8 +36,12 @@ class OutputStore:
         return file_system(self.root, self.storage, write=True)[1].rstrip("/")
 
     @property
+    def protocols(self) -> tuple[str, ...]:
+        return self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+
+    @property
     def is_local(self) -> bool:
-        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        return "file" in self.protocols
 
     def path(self, relative: str) -> str:
         return f"{self._base}/{relative}"
@@ -148,7 +155,29 @@ class OutputStore:
         return sorted(p[len(prefix):] for p in fs.find(directory) if p.startswith(prefix) and p.endswith(suffix))
 
     def delete(self, relative: str) -> None:
-        self.fs.rm(self.path(relative))
+        """Delete one file, named exactly: `fs.rm` expands glob characters on object stores, so an
+        output `s3://b/r?` would also have lost `s3://b/r1`'s file."""
+        self.fs.rm_file(self.path(relative))
+
+    def delete_tree(self, relative_dir: str) -> None:
+        """Delete every file under `relative_dir`, each named exactly (see `delete`); on S3 with
+        one request per 1,000 keys."""
+        if self.is_local:
+            shutil.rmtree(self.path(relative_dir), ignore_errors=True)
+            return
+        paths = [f"{self.path(relative_dir)}/{name}" for name in self.find(relative_dir)]
+        if "s3" not in self.protocols:
+            for path in paths:
+                self.fs.rm_file(path)
+            return
+        bucket = self._base.split("/", 1)[0]
+        for start in range(0, len(paths), S3_DELETE_KEYS):
+            keys = [{"Key": path.split("/", 1)[1]} for path in paths[start:start + S3_DELETE_KEYS]]
+            failed = self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            for error in failed.get("Errors", [])[:1]:  # a quiet delete lists only the keys it could not delete
+                raise PermissionError(f"cannot delete s3://{bucket}/{error.get('Key')}: {error.get('Code')}: "
+                                      f"{error.get('Message')}")
+        self.fs.invalidate_cache(self.path(relative_dir))
 
     def check_writable(self) -> None:
         """Write and delete a probe file, so a bad output fails before any work is done."""

@@ -229,3 +229,39 @@ def test_many_committed_parts_read_the_same_on_s3_as_locally(s3_server, monkeypa
     done, count, errors, images, coco_json = seen[0]
     assert done == set(keys) and count == shards and errors == {("run1", "NotAnImage"): len(failed)}
     assert images == len(coco_json["images"]) == shards - len(failed)
+
+
+def test_deletes_name_keys_exactly_under_a_root_with_glob_characters(s3_server, monkeypatch, tmp_path,
+                                                                     untrained_model):
+    """fsspec's `rm` and `get` expand glob characters on S3: `--overwrite` of `s3://b/r?` would
+    delete `s3://b/r1` too, and a model under `s3://b/m[2]` could not be copied."""
+    from pipeline.model import ModelSource, local_dir
+    from pipeline.remote import StorageConfig
+    from pipeline.state import SETTINGS, clear_outputs
+    from pipeline.storage import OutputStore
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, s3_server.env()[name])
+    fs = s3_server.filesystem()
+    fs.mkdir("globs")
+    storage = StorageConfig(endpoint_url=s3_server.endpoint)
+    stores = [OutputStore(f"s3://globs/{name}", storage) for name in ("r1", "r?", "r*", "r[1]")]
+    for store in stores:
+        for relative in ("tables/images/a.parquet", "panoptic/sub/a.jpg.png", "report.json", SETTINGS,
+                         *(f"previews/{i}.jpg" for i in range(3))):
+            store.write_bytes(relative, store.root.encode())
+        store.check_writable()  # writes and deletes a probe
+    for store in stores[1:]:
+        store.delete("report.json")
+        clear_outputs(store)
+        assert store.find("") == []
+        assert sorted(stores[0].find("")) == ["_state/settings.json", "panoptic/sub/a.jpg.png", "previews/0.jpg",
+                                              "previews/1.jpg", "previews/2.jpg", "report.json",
+                                              "tables/images/a.parquet"]
+
+    monkeypatch.setenv("PANOPTIC_MODEL_CACHE", str(tmp_path / "cache"))
+    for path in untrained_model.iterdir():
+        fs.put(str(path), f"globs/m[2]/{path.name}")
+    copied = local_dir(ModelSource("s3://globs/m[2]", storage))
+    assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in untrained_model.iterdir())
+    assert not list((tmp_path / "cache").glob(".partial-*"))

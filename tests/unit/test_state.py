@@ -44,13 +44,13 @@ def test_a_clear_cut_off_never_leaves_a_commit_record_without_its_pngs(tmp_path,
     store.write_bytes("panoptic/a.jpg.png", b"png")
     store.write_bytes("tables/images/part.parquet", b"commit record")
     store.write_bytes("_state/settings.json", b"{}")
-    rm = store.fs.rm
+    delete_tree = OutputStore.delete_tree
 
-    def rm_once_then_interrupt(path, recursive=False):
-        monkeypatch.setattr(store.fs, "rm", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-        rm(path, recursive=recursive)
+    def delete_once_then_interrupt(self, relative_dir):
+        monkeypatch.setattr(OutputStore, "delete_tree", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        delete_tree(self, relative_dir)
 
-    monkeypatch.setattr(store.fs, "rm", rm_once_then_interrupt)
+    monkeypatch.setattr(OutputStore, "delete_tree", delete_once_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         clear_outputs(store)
     assert committed_parts(store) == [] and store.exists("panoptic/a.jpg.png")
