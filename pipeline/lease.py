@@ -52,6 +52,13 @@ def _read(store: OutputStore) -> dict | None:
     return lease if isinstance(lease, dict) and {"run_id", "started", "host", "pid", "renewed"} <= lease.keys() else None
 
 
+def held_by_another(store: OutputStore, run_id: str) -> bool:
+    """Whether the output's lease names a run other than `run_id`: that run's driver was killed,
+    or went unseen and lost the output, and the run holding it now may be redoing its images."""
+    lease = _read(store)
+    return lease is not None and lease["run_id"] != run_id
+
+
 def _holder(store: OutputStore, now: float) -> dict | None:
     """The live lease on the output, if any."""
     lease = _read(store)

@@ -31,6 +31,7 @@ from pipeline.decode import decode_image
 from pipeline.encode import panoptic_png, png_bytes
 from pipeline.failures import WRITE, ImageFailure
 from pipeline.labels import Category
+from pipeline.lease import held_by_another
 from pipeline.memory import release_free_memory
 from pipeline.read import read_bytes
 from pipeline.previews import write_preview
@@ -118,6 +119,7 @@ def _preview(out: ShardOutput, key: str, uri: str, segment_ids: np.ndarray, segm
 
 
 STAGE_SECONDS = ("seconds_prepare", "seconds_infer", "seconds_write")
+NOT_COMMITTED = "NotCommitted"  # a shard's images when another run holds the output: see write_shard
 
 
 def _name_problem(exc: OSError) -> str | None:
@@ -152,6 +154,8 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
     stage; any other write error (a full disk, storage refusing) stops the shard."""
     start = time.perf_counter()
     store, images, errors = out.store, [], []
+    if held_by_another(store, out.run_id):  # see below: not even its PNGs
+        return _status(batch, np.full(len(batch["key"]), NOT_COMMITTED, dtype=object), start)
     error_types = np.asarray(batch["error_type"]).astype(object)
     for i, key in enumerate(batch["key"]):
         row = {"key": str(key), "uri": str(batch["uri"][i]), "run_id": out.run_id}
@@ -168,11 +172,21 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
             error_types[i] = type(exc).__name__
             errors.append(row | {"stage": WRITE, "error_type": error_types[i], "message": f"{problem}: {exc}"[:500]})
     shard = part_name(batch["key"])
+    # A write task can outlive its driver (killed with -9, its Ray workers go on for seconds) or
+    # its run's lease: a run that took the output over lists these images as pending, and a
+    # commit now would count them twice. So the shard commits only while no other run holds it.
+    if held_by_another(store, out.run_id):
+        return _status(batch, np.full(len(batch["key"]), NOT_COMMITTED, dtype=object), start)
     if errors:
         store.write_bytes(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))
     store.write_bytes(f"{IMAGES_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(images, tables.IMAGES))
-    n = len(batch["key"])
     release_free_memory()
+    return _status(batch, error_types, start)
+
+
+def _status(batch: dict[str, np.ndarray], error_types: np.ndarray, start: float) -> dict[str, np.ndarray]:
+    """What a write task returns to the driver, per image: key, ok, error_type, seconds per stage."""
+    n = len(batch["key"])
     return {"key": np.asarray(batch["key"]), "ok": np.asarray([not e for e in error_types], dtype=bool),
             "error_type": error_types.astype(str),
             "seconds_prepare": np.asarray(batch.get("seconds_prepare", np.zeros(n))),

@@ -195,3 +195,19 @@ def test_a_preview_whose_name_is_taken_is_skipped_and_the_image_stands(tmp_path)
     assert status["ok"].tolist() == [True, True]
     assert (tmp_path / "out/previews/a.jpg.jpg").is_file()  # the first preview; the second had no room
     assert (tmp_path / "out/panoptic/a.jpg.jpg/b.jpg.png").is_file()
+
+
+def test_a_shard_commits_only_while_no_other_run_holds_the_output(tmp_path):
+    """A write task that outlived its driver (kill -9) or its run's lease must not commit images
+    that the run now holding the output lists as pending."""
+    from pipeline.lease import LEASE
+
+    store = OutputStore(str(tmp_path))
+    lease = {"started": "now", "host": "h", "pid": 1, "renewed": 0.0}
+    store.write_bytes(LEASE, json.dumps(lease | {"run_id": "run2"}).encode())
+    status = write_shard(_batch(["a.jpg", "bad.jpg"], errors={"bad.jpg"}), ShardOutput(store, CATEGORIES, "run1", "m"))
+    assert committed_keys(store) == set() and not (tmp_path / "tables").exists() and not (tmp_path / "panoptic").exists()
+    assert status["ok"].tolist() == [False, False] and set(status["error_type"]) == {"NotCommitted"}
+    store.write_bytes(LEASE, json.dumps(lease | {"run_id": "run1"}).encode())
+    write_shard(_batch(["a.jpg", "bad.jpg"], errors={"bad.jpg"}), ShardOutput(store, CATEGORIES, "run1", "m"))
+    assert committed_keys(store) == {"a.jpg", "bad.jpg"}
