@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import fsspec
 
 from pipeline.remote import StorageConfig, UnsupportedURL, file_system
+from pipeline.state import SETTINGS, STATE_DIR
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".pbm", ".pgm", ".ppm",
@@ -85,22 +86,31 @@ def _s3_paths(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
 
 
 def _list_folder(fs: fsspec.AbstractFileSystem, root: str, protocol: str, skip: str | None) -> Iterator[tuple[str, str]]:
-    """Images under `root`, except under the folder `skip` (the output, when it lies inside)."""
+    """Images under `root`, except under the folder `skip` (the output, when it lies inside) and
+    under any other output of this pipeline inside it (a sub-folder holding SETTINGS): its PNGs
+    and previews are no input."""
     root = root.rstrip("/")
     skipped = (lambda path: path.startswith(skip)) if skip else (lambda path: False)
     if protocol in ("s3", "s3a"):
+        outputs: list[str] = []
         for path in _s3_paths(fs, root):
-            if _is_image(path) and not skipped(path):
+            # keys come in byte order, and an output's `_state/` before its other folders
+            if path.endswith(f"/{SETTINGS}") and len(path) > len(root) + len(SETTINGS) + 1:
+                outputs.append(path[:-len(SETTINGS)])
+            if _is_image(path) and not skipped(path) and not any(path.startswith(o) for o in outputs):
                 yield safe_key(path[len(root) + 1:]), f"s3://{path}"
         return
     # a local folder that may not be listed is an input of its own, whose read fails: one error
     # row says what was not segmented, and the run goes on (a `lost+found` is everywhere)
     denied: list[str] = []
     walk = _local_walk(root, skip, denied) if protocol in LOCAL_PROTOCOLS else fs.walk(root)
-    for directory, _, files in chain(walk, [("", [], [])]):
+    for directory, folders, files in chain(walk, [("", [], [])]):
         while denied:
             path = denied.pop(0)
             yield safe_key(path[len(root) + 1:]), _text(path)
+        if directory.rstrip("/") != root and STATE_DIR in folders and fs.isfile(f"{directory.rstrip('/')}/{SETTINGS}"):
+            folders[:] = []  # another output of this pipeline: not entered
+            continue
         for name in sorted(files):
             path = f"{directory.rstrip('/')}/{name}"
             if _is_image(path) and not skipped(path):

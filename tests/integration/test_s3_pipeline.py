@@ -265,3 +265,20 @@ def test_deletes_name_keys_exactly_under_a_root_with_glob_characters(s3_server, 
     copied = local_dir(ModelSource("s3://globs/m[2]", storage))
     assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in untrained_model.iterdir())
     assert not list((tmp_path / "cache").glob(".partial-*"))
+
+
+def test_another_output_inside_an_s3_input_is_not_listed(s3_server, image_dir, monkeypatch):
+    """S3 lists keys in byte order, an output's `_state/` before its `panoptic/` and `previews/`."""
+    from pipeline.listing import iter_inputs
+    from pipeline.remote import StorageConfig
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, s3_server.env()[name])
+    fs = s3_server.filesystem()
+    fs.mkdir("nested")
+    image = str(image_dir / "img_0.jpg")
+    for key in ("in/a.jpg", "in/old/_state/settings.json", "in/old/panoptic/a.jpg.png", "in/old/previews/a.jpg.jpg",
+                "in/older.jpg", "in/zz/b.jpg"):
+        fs.put(image, f"nested/{key}")
+    keys = {key for key, _ in iter_inputs("s3://nested/in", StorageConfig(endpoint_url=s3_server.endpoint))}
+    assert keys == {"a.jpg", "older.jpg", "zz/b.jpg"}

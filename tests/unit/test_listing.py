@@ -88,6 +88,13 @@ def test_an_output_inside_the_input_is_not_listed(tmp_path, image_dir):
     keys = {key for key, _ in iter_inputs(str(root), output=str(root / "out"))}
     assert "outside.jpg" in keys and not any(k.startswith("out/") for k in keys)
     assert "out/panoptic/img_0.jpg.png" in {key for key, _ in iter_inputs(str(root))}
+    # once it is an output of this pipeline (it has its settings), no run lists it: a new output
+    # for another model beside it must not segment the old one's PNGs and previews
+    (root / "out" / "_state").mkdir()
+    (root / "out" / "_state" / "settings.json").write_text("{}")
+    keys = {key for key, _ in iter_inputs(str(root))}
+    assert "outside.jpg" in keys and not any(k.startswith("out/") for k in keys)
+    assert {key for key, _ in iter_inputs(str(root / "out"))} == {"panoptic/img_0.jpg.png"}  # named itself
 
 
 def test_a_single_image_is_an_input_and_names_with_double_colons_are_read(tmp_path, image_dir):
