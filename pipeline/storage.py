@@ -182,5 +182,12 @@ class OutputStore:
     def check_writable(self) -> None:
         """Write and delete a probe file, so a bad output fails before any work is done."""
         probe = f".probe-{uuid.uuid4().hex}"  # at the root: a run refused next leaves no _state/ behind
+        created = []  # local folders the probe's write creates: removed again, so a run refused next
+        folder = self._base  # (a mistyped --input, say) leaves no empty output folder behind
+        while self.is_local and folder and not os.path.exists(folder):
+            created.append(folder)
+            folder = os.path.dirname(folder)
         self.write_bytes(probe, b"")
         self.delete(probe)
+        for folder in created:  # deepest first
+            os.rmdir(folder)

@@ -53,8 +53,10 @@ def test_overwrite_refuses_a_folder_no_run_made_and_deletes_nothing(tmp_path):
 
 
 def test_label_ids_to_fuse_the_model_lacks_are_refused(tmp_path):
-    line = one_error_line(job("--input", str(SAMPLES), "--output", str(tmp_path / "out"), "--label-ids-to-fuse", "1,99"))
+    line = one_error_line(job("--input", str(SAMPLES), "--output", str(tmp_path / "out" / "new"),
+                              "--label-ids-to-fuse", "1,99"))
     assert "--label-ids-to-fuse: the model has no label ids [99] (its label ids: 0 to 4" in line
+    assert not (tmp_path / "out").exists()  # the output check's probe leaves no folders behind
 
 
 def test_a_model_the_inference_actors_cannot_load(tmp_path, untrained_model):
