@@ -52,11 +52,12 @@ def _read(store: OutputStore) -> dict | None:
     return lease if isinstance(lease, dict) and {"run_id", "started", "host", "pid", "renewed"} <= lease.keys() else None
 
 
-def held_by_another(store: OutputStore, run_id: str) -> bool:
-    """Whether the output's lease names a run other than `run_id`: that run's driver was killed,
-    or went unseen and lost the output, and the run holding it now may be redoing its images."""
+def held_by(store: OutputStore, run_id: str) -> bool:
+    """Whether the output's lease names run `run_id`. A run's write task that finds otherwise
+    outlived its driver (killed) or its lease (the run went unseen, and another took the output
+    over, perhaps finished and left): the run now holding it may be redoing its images."""
     lease = _read(store)
-    return lease is not None and lease["run_id"] != run_id
+    return lease is not None and lease["run_id"] == run_id
 
 
 def _holder(store: OutputStore, now: float) -> dict | None:
@@ -106,14 +107,15 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
     if holder is not None and holder["run_id"] != run_id:
         raise _busy(store, holder, time.time())
     stop = threading.Event()
-    taken: list[dict] = []  # the lease found in place of ours
+    taken: list[str] = []  # who holds the output instead: set once this run has lost it
 
     def keep_renewing() -> None:
         while not stop.wait(RENEW_SECONDS):
             try:
                 current = _read(store)
-                if current is not None and current["run_id"] != run_id:
-                    taken.append(current)
+                if current is None or current["run_id"] != run_id:  # gone: taken over, and that run ended
+                    taken.append("another run" if current is None else
+                                 f"run {current['run_id']} (on {current['host']}, process {current['pid']})")
                     return
                 renew()
             except OSError:  # storage unreachable for a moment: the next renewal may succeed
@@ -122,9 +124,8 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
     def check() -> None:
         if taken:
             raise OutputBusy(
-                f"stopped: run {taken[0]['run_id']} (on {taken[0]['host']}, process {taken[0]['pid']}) took over "
-                f"{store.root} after this run went unseen for over {EXPIRES_SECONDS:.0f} s; what this run "
-                "committed is kept, and that run goes on with the rest")
+                f"stopped: {taken[0]} took over {store.root} after this run went unseen for over "
+                f"{EXPIRES_SECONDS:.0f} s; what this run committed is kept, and that run goes on with the rest")
 
     renewer = threading.Thread(target=keep_renewing, name="lease-renewer", daemon=True)
     renewer.start()

@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline.coco import rebuild
 from pipeline.config import InferenceConfig, PostprocessConfig, resolved_dtype
 from pipeline.labels import Category, load_categories
-from pipeline.lease import OutputBusy, hold_lease
+from pipeline.lease import EXPIRES_SECONDS, OutputBusy, hold_lease
 from pipeline.listing import InputError, iter_inputs, keys_root
 from pipeline.local_paths import absolute, check_every_node_sees, probes, seen
 from pipeline.model import BUNDLED, ModelError, ModelSource, local_dir, model_labels, weights_digest
@@ -35,8 +35,8 @@ from pipeline.prepare import PrepareConfig
 from pipeline.previews import PREVIEWS_DIR, write_index
 from pipeline.remote import StorageConfig
 from pipeline.report import RunCounts, build_report, write_report
-from pipeline.shards import (STAGE_SECONDS, ShardOutput, committed_count, committed_counts, committed_errors,
-                             committed_parts, forget_failures, remove_uncommitted)
+from pipeline.shards import (NOT_COMMITTED, STAGE_SECONDS, ShardOutput, committed_count, committed_counts,
+                             committed_errors, committed_parts, forget_failures, remove_uncommitted)
 from pipeline.state import check_settings, clear_outputs, record_run
 from pipeline.storage import OutputStore
 
@@ -263,6 +263,10 @@ def _drive(results: Iterator[dict], counts: RunCounts, progress: Callable[[str],
     try:
         for batch in results:
             still_held()
+            if (batch["error_type"] == NOT_COMMITTED).any():  # its write task found the lease lost
+                raise OutputBusy(f"stopped: this run lost the output's lease (it went unseen for over "
+                                 f"{EXPIRES_SECONDS:.0f} s, and another run took the output over); what it "
+                                 "committed is kept, and its shards in flight were not committed")
             ok = int(batch["ok"].sum())
             counts.ok += ok
             counts.failed += len(batch["ok"]) - ok
@@ -388,7 +392,7 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
     progress(f"{counts.committed_before} images already committed under {config.output}; listing {config.input}")
     before = tuple(committed_parts(store))
     dataset = _plan(config, ShardOutput(store, categories, run_id, config.model, config.storage,
-                                        config.postprocess.tasks), settings["dtype"], on_gpu)
+                                        config.postprocess.tasks, leased=True), settings["dtype"], on_gpu)
     record = {"run_id": run_id, "started": started_at, "input": config.input,
               "execution": asdict(config.execution), **settings}
     results = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))

@@ -31,7 +31,7 @@ from pipeline.decode import decode_image
 from pipeline.encode import panoptic_png, png_bytes
 from pipeline.failures import WRITE, ImageFailure
 from pipeline.labels import Category
-from pipeline.lease import held_by_another
+from pipeline.lease import held_by
 from pipeline.memory import release_free_memory
 from pipeline.read import read_bytes
 from pipeline.previews import write_preview
@@ -59,6 +59,7 @@ class ShardOutput:
     model: str
     input_storage: StorageConfig = StorageConfig()  # to re-read the few inputs that get a preview
     tasks: tuple[str, ...] = ("panoptic",)
+    leased: bool = False  # written by a run holding the output's lease: it commits only while it does
 
 
 def part_name(keys: Sequence[str]) -> str:
@@ -119,7 +120,7 @@ def _preview(out: ShardOutput, key: str, uri: str, segment_ids: np.ndarray, segm
 
 
 STAGE_SECONDS = ("seconds_prepare", "seconds_infer", "seconds_write")
-NOT_COMMITTED = "NotCommitted"  # a shard's images when another run holds the output: see write_shard
+NOT_COMMITTED = "NotCommitted"  # a shard's images when its run no longer holds the output: see write_shard
 
 
 def _name_problem(exc: OSError) -> str | None:
@@ -154,7 +155,7 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
     stage; any other write error (a full disk, storage refusing) stops the shard."""
     start = time.perf_counter()
     store, images, errors = out.store, [], []
-    if held_by_another(store, out.run_id):  # see below: not even its PNGs
+    if out.leased and not held_by(store, out.run_id):  # see below: not even its PNGs
         return _status(batch, np.full(len(batch["key"]), NOT_COMMITTED, dtype=object), start)
     error_types = np.asarray(batch["error_type"]).astype(object)
     for i, key in enumerate(batch["key"]):
@@ -174,8 +175,8 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
     shard = part_name(batch["key"])
     # A write task can outlive its driver (killed with -9, its Ray workers go on for seconds) or
     # its run's lease: a run that took the output over lists these images as pending, and a
-    # commit now would count them twice. So the shard commits only while no other run holds it.
-    if held_by_another(store, out.run_id):
+    # commit now would count them twice. So the shard commits only while its run holds the lease.
+    if out.leased and not held_by(store, out.run_id):
         return _status(batch, np.full(len(batch["key"]), NOT_COMMITTED, dtype=object), start)
     if errors:
         store.write_bytes(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import shutil
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -162,8 +161,8 @@ class OutputStore:
     def delete_tree(self, relative_dir: str) -> None:
         """Delete every file under `relative_dir`, each named exactly (see `delete`); on S3 with
         one request per 1,000 keys."""
-        if self.is_local:
-            shutil.rmtree(self.path(relative_dir), ignore_errors=True)
+        if self.is_local:  # fsspec's local rm expands nothing, and raises what it cannot delete
+            self.fs.rm(self.path(relative_dir), recursive=True)
             return
         paths = [f"{self.path(relative_dir)}/{name}" for name in self.find(relative_dir)]
         if "s3" not in self.protocols:
@@ -175,8 +174,8 @@ class OutputStore:
             keys = [{"Key": path.split("/", 1)[1]} for path in paths[start:start + S3_DELETE_KEYS]]
             failed = self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
             for error in failed.get("Errors", [])[:1]:  # a quiet delete lists only the keys it could not delete
-                raise PermissionError(f"cannot delete s3://{bucket}/{error.get('Key')}: {error.get('Code')}: "
-                                      f"{error.get('Message')}")
+                raise OSError(f"cannot delete s3://{bucket}/{error.get('Key')}: {error.get('Code')}: "
+                              f"{error.get('Message')}")
         self.fs.invalidate_cache(self.path(relative_dir))
 
     def check_writable(self) -> None:
@@ -187,7 +186,12 @@ class OutputStore:
         while self.is_local and folder and not os.path.exists(folder):
             created.append(folder)
             folder = os.path.dirname(folder)
-        self.write_bytes(probe, b"")
-        self.delete(probe)
-        for folder in created:  # deepest first
-            os.rmdir(folder)
+        try:
+            self.write_bytes(probe, b"")
+            self.delete(probe)
+        finally:
+            for folder in created:  # deepest first
+                try:
+                    os.rmdir(folder)
+                except OSError:  # another run has written there meanwhile: its folder now
+                    break

@@ -140,3 +140,24 @@ def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_new_lease_alone(t
         time.sleep(0.2)  # renewals would have overwritten it by now
         assert json.loads(store.read_bytes(LEASE))["run_id"] == "newer"
     assert json.loads(store.read_bytes(LEASE))["run_id"] == "newer"  # ending the run leaves it too
+
+
+def test_a_run_whose_lease_vanished_stops_and_does_not_make_it_again(tmp_path, monkeypatch):
+    """The run that took the output over has finished and deleted its lease: the unseen run's
+    renewals must not recreate one, as if it still held the output."""
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.05)
+    store = OutputStore(str(tmp_path))
+    with hold_lease(store, "mine", "now") as still_held:
+        store.delete(LEASE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                still_held()
+            except OutputBusy as exc:
+                assert "another run took over" in str(exc)
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the vanished lease was never noticed")
+        time.sleep(0.2)
+        assert not store.exists(LEASE)

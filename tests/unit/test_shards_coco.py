@@ -197,17 +197,26 @@ def test_a_preview_whose_name_is_taken_is_skipped_and_the_image_stands(tmp_path)
     assert (tmp_path / "out/panoptic/a.jpg.jpg/b.jpg.png").is_file()
 
 
-def test_a_shard_commits_only_while_no_other_run_holds_the_output(tmp_path):
+def test_a_shard_of_a_leased_run_commits_only_while_its_run_holds_the_output(tmp_path):
     """A write task that outlived its driver (kill -9) or its run's lease must not commit images
-    that the run now holding the output lists as pending."""
+    that the run now holding the output lists as pending, nor those of a run that has finished."""
     from pipeline.lease import LEASE
 
     store = OutputStore(str(tmp_path))
     lease = {"started": "now", "host": "h", "pid": 1, "renewed": 0.0}
-    store.write_bytes(LEASE, json.dumps(lease | {"run_id": "run2"}).encode())
-    status = write_shard(_batch(["a.jpg", "bad.jpg"], errors={"bad.jpg"}), ShardOutput(store, CATEGORIES, "run1", "m"))
-    assert committed_keys(store) == set() and not (tmp_path / "tables").exists() and not (tmp_path / "panoptic").exists()
-    assert status["ok"].tolist() == [False, False] and set(status["error_type"]) == {"NotCommitted"}
+    leased = ShardOutput(store, CATEGORIES, "run1", "m", leased=True)
+    for holder in ("run2", None):
+        if holder:
+            store.write_bytes(LEASE, json.dumps(lease | {"run_id": holder}).encode())
+        else:
+            store.delete(LEASE)
+        status = write_shard(_batch(["a.jpg", "bad.jpg"], errors={"bad.jpg"}), leased)
+        assert committed_keys(store) == set() and not (tmp_path / "tables").exists()
+        assert not (tmp_path / "panoptic").exists()
+        assert status["ok"].tolist() == [False, False] and set(status["error_type"]) == {"NotCommitted"}
     store.write_bytes(LEASE, json.dumps(lease | {"run_id": "run1"}).encode())
-    write_shard(_batch(["a.jpg", "bad.jpg"], errors={"bad.jpg"}), ShardOutput(store, CATEGORIES, "run1", "m"))
+    write_shard(_batch(["a.jpg", "bad.jpg"], errors={"bad.jpg"}), leased)
     assert committed_keys(store) == {"a.jpg", "bad.jpg"}
+    store.delete(LEASE)  # a tool writing shards outside a run: no lease involved
+    write_shard(_batch(["c.jpg"]), ShardOutput(store, CATEGORIES, "tool", "m"))
+    assert committed_keys(store) == {"a.jpg", "bad.jpg", "c.jpg"}
