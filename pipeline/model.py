@@ -151,9 +151,9 @@ def load_processor(directory: Path) -> Any:
     return AutoImageProcessor.from_pretrained(directory, trust_remote_code=False)
 
 
-def model_labels(directory: Path) -> dict[int, str]:
-    """The checkpoint's class names by label id, from its config.json, read as JSON: the driver
-    needs nothing else of the config, and importing transformers for it took seconds."""
+def _checked_config(directory: Path) -> tuple[str, dict[int, str]]:
+    """The checkpoint's model type and class names by label id, from its config.json read as JSON
+    (importing transformers for them took seconds); a ModelError for a config this pipeline cannot use."""
     path = directory / "config.json"
     try:
         config = json.loads(path.read_text())
@@ -163,7 +163,12 @@ def model_labels(directory: Path) -> dict[int, str]:
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ModelError(f"model type {config.get('model_type')!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    return labels
+    return config["model_type"], labels
+
+
+def model_labels(directory: Path) -> dict[int, str]:
+    """The checkpoint's class names by label id: the driver needs nothing else of the config."""
+    return _checked_config(directory)[1]
 
 
 def load_model_and_processor(directory: Path, device: str) -> tuple[Any, Any]:
@@ -180,8 +185,7 @@ def load_model(directory: Path, device: str) -> Any:
     """The model in eval mode on `device`; weights from safetensors only."""
     from transformers import AutoModelForUniversalSegmentation
 
-    model_labels(directory)  # a clear error for an unsupported model type
-    model_type = json.loads((directory / "config.json").read_text())["model_type"]
+    model_type, _ = _checked_config(directory)  # a clear error for an unsupported model type
     model = AutoModelForUniversalSegmentation.from_pretrained(
         directory, use_safetensors=True, trust_remote_code=False,
         # transformers 5 runs inference with one setting of this training option only: MaskFormer's

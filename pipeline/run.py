@@ -35,8 +35,8 @@ from pipeline.prepare import PrepareConfig
 from pipeline.previews import PREVIEWS_DIR, write_index
 from pipeline.remote import StorageConfig
 from pipeline.report import RunCounts, build_report, write_report
-from pipeline.shards import (NOT_COMMITTED, STAGE_SECONDS, ShardOutput, committed_count, committed_counts,
-                             committed_errors, committed_parts, forget_failures, remove_uncommitted)
+from pipeline.shards import (NOT_COMMITTED, STAGE_SECONDS, ShardOutput, committed_counts, committed_errors,
+                             committed_parts, forget_failures, remove_uncommitted)
 from pipeline.state import check_settings, clear_outputs, record_run
 from pipeline.storage import OutputStore
 
@@ -388,9 +388,9 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
     remove_uncommitted(store)
     if config.retry_failed:
         progress(f"retrying {forget_failures(store)} images that failed in earlier runs")
-    counts = RunCounts(committed_before=committed_count(store))
-    progress(f"{counts.committed_before} images already committed under {config.output}; listing {config.input}")
     before = tuple(committed_parts(store))
+    counts = RunCounts(committed_before=sum(committed_counts(store, before)))
+    progress(f"{counts.committed_before} images already committed under {config.output}; listing {config.input}")
     dataset = _plan(config, ShardOutput(store, categories, run_id, config.model, config.storage,
                                         config.postprocess.tasks, leased=True), settings["dtype"], on_gpu)
     record = {"run_id": run_id, "started": started_at, "input": config.input,
