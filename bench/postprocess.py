@@ -89,41 +89,30 @@ def _outputs(classes, masks) -> SimpleNamespace:
     return SimpleNamespace(class_queries_logits=classes, masks_queries_logits=masks.clone())
 
 
-def _processor():
-    from transformers import MaskFormerImageProcessor
+def _processor(mask2former: bool = False):
+    from transformers import Mask2FormerImageProcessor, MaskFormerImageProcessor
 
-    return MaskFormerImageProcessor()
+    return Mask2FormerImageProcessor() if mask2former else MaskFormerImageProcessor()
 
 
-def panoptic_pair(config: PostprocessConfig):
-    """(reference, ours, segments per image) for panoptic."""
+def panoptic_pair(config: PostprocessConfig, logits_size: tuple[int, int] | None = None):
+    """(reference, ours, segments per image) for panoptic; with a `logits_size`, against
+    Mask2Former's own processor, which resizes the mask logits to it first."""
     def reference(classes, masks):
-        return _processor().post_process_panoptic_segmentation(
-            _outputs(classes, masks), threshold=config.threshold, mask_threshold=config.mask_threshold,
-            overlap_mask_area_threshold=config.overlap_mask_area_threshold, label_ids_to_fuse=set(),
-            target_sizes=[TARGET] * BATCH)
-
-    def ours(classes, masks):
-        return panoptic_segmentation(classes, masks, [masks.shape[-2:]] * BATCH, [TARGET] * BATCH, config)
-
-    return reference, ours, lambda results: sum(len(r.segments) for r in results) / BATCH
-
-
-def mask2former_panoptic_pair(config: PostprocessConfig):
-    """Panoptic against Mask2Former's own processor."""
-    from transformers import Mask2FormerImageProcessor
-
-    def reference(classes, masks):
-        return Mask2FormerImageProcessor().post_process_panoptic_segmentation(
+        return _processor(mask2former=logits_size is not None).post_process_panoptic_segmentation(
             _outputs(classes, masks), threshold=config.threshold, mask_threshold=config.mask_threshold,
             overlap_mask_area_threshold=config.overlap_mask_area_threshold, label_ids_to_fuse=set(),
             target_sizes=[TARGET] * BATCH)
 
     def ours(classes, masks):
         return panoptic_segmentation(classes, masks, [masks.shape[-2:]] * BATCH, [TARGET] * BATCH, config,
-                                     MASK2FORMER_LOGITS_SIZE)
+                                     logits_size)
 
     return reference, ours, lambda results: sum(len(r.segments) for r in results) / BATCH
+
+
+def mask2former_panoptic_pair(config: PostprocessConfig):
+    return panoptic_pair(config, MASK2FORMER_LOGITS_SIZE)
 
 
 def semantic_pair(config: PostprocessConfig):

@@ -119,6 +119,18 @@ def test_overwrite_keeps_the_lease_of_the_run_that_clears(tmp_path):
         assert store.exists(LEASE) and not store.exists("_state/settings.json") and not store.exists("_state/runs")
 
 
+def stop_message(still_held) -> str:
+    """The OutputBusy message `still_held` raises once the renewals have found the lease lost."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            still_held()
+        except OutputBusy as exc:
+            return str(exc)
+        time.sleep(0.05)
+    pytest.fail("the lost lease was never noticed")
+
+
 def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_new_lease_alone(tmp_path, monkeypatch):
     """Unseen past the expiry (a suspended machine), the run finds another's lease at its next
     renewal: it does not overwrite it, and its check says it must stop."""
@@ -127,16 +139,7 @@ def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_new_lease_alone(t
     with hold_lease(store, "mine", "now") as still_held:
         still_held()  # held: no error
         plant(store, "some-other-node", 12345, age=0, run_id="newer")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                still_held()
-            except OutputBusy as exc:
-                assert "run newer (on some-other-node, process 12345) took over" in str(exc)
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the takeover was never noticed")
+        assert "run newer (on some-other-node, process 12345) took over" in stop_message(still_held)
         time.sleep(0.2)  # renewals would have overwritten it by now
         assert json.loads(store.read_bytes(LEASE))["run_id"] == "newer"
     assert json.loads(store.read_bytes(LEASE))["run_id"] == "newer"  # ending the run leaves it too
@@ -149,15 +152,6 @@ def test_a_run_whose_lease_vanished_stops_and_does_not_make_it_again(tmp_path, m
     store = OutputStore(str(tmp_path))
     with hold_lease(store, "mine", "now") as still_held:
         store.delete(LEASE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                still_held()
-            except OutputBusy as exc:
-                assert "another run took over" in str(exc)
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the vanished lease was never noticed")
+        assert "another run took over" in stop_message(still_held)
         time.sleep(0.2)
         assert not store.exists(LEASE)
