@@ -19,7 +19,7 @@ from pycocotools import mask as rle
 
 from pipeline.config import DTYPES as DTYPE_NAMES, InferenceConfig, resolved_dtype
 from pipeline.encode import smallest_id_dtype
-from pipeline.failures import INFER
+from pipeline.failures import INFER, PREPROCESS
 from pipeline.memory import release_free_memory, reuse_freed_memory
 from pipeline.model import ModelError, ModelSource, load_model_and_processor, local_dir
 from pipeline.postprocess import MASK2FORMER_LOGITS_SIZE, panoptic_segmentation, semantic_segmentation
@@ -137,8 +137,11 @@ class Predictor:
         model: PQ 0.63 between padded and unpadded runs), so a result would depend on its batch
         neighbours.
         """
-        resized = [resize_for_model(image, self.processor, self.device) for image in images]
-        results: list[ImageResult | None] = [None] * len(images)
+        return self._segment([resize_for_model(image, self.processor, self.device) for image in images], sizes)
+
+    def _segment(self, resized: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[ImageResult]:
+        """`infer` of images already resized for the model, (3, h, w) uint8 each."""
+        results: list[ImageResult | None] = [None] * len(resized)
         for group in shape_groups(resized):
             for i, result in zip(group, self._forward([resized[i] for i in group], [sizes[i] for i in group])):
                 results[i] = result
@@ -165,13 +168,23 @@ class Predictor:
                      if "instance" in post.tasks else [None] * n)
         return [ImageResult(*parts) for parts in zip(panoptic, semantic, instances)]
 
-    def _infer_or_fail(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[ImageResult | tuple[str, str]]:
-        """`infer`, with (error type, message) in place of the result of an image that fails.
+    def _resized_or_failure(self, image: np.ndarray) -> torch.Tensor | tuple[str, str]:
+        """The image resized for the model, or (error type, message) when the checkpoint's processor
+        cannot resize it (past an aspect ratio of about 500:1 for a 256-pixel longest edge, its
+        short side rounds to 0 pixels): that image fails alone, before its batch reaches the model."""
+        try:
+            return resize_for_model(image, self.processor, self.device)
+        except (RuntimeError, ValueError) as exc:
+            height, width = image.shape[:2]
+            return type(exc).__name__, f"the model's image processor cannot resize this {width}x{height} image: {exc}"[:500]
+
+    def _infer_or_fail(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[ImageResult | tuple[str, str]]:
+        """`_segment`, with (error type, message) in place of the result of an image that fails.
 
         One image can fail its whole batch (out of memory on a huge one): the batch is then
         inferred again image by image, so that only that image fails."""
         try:
-            return self.infer(images, sizes)
+            return self._segment(images, sizes)
         except (RuntimeError, ValueError) as exc:
             failure = (type(exc).__name__, str(exc)[:500])
         # the exception, and the batch's tensors its frames hold, are released before the retries
@@ -191,8 +204,13 @@ class Predictor:
         error_message = batch["error_message"].astype(object)
         seconds = np.zeros(n, np.float64)
         start = time.perf_counter()
+        resized = {i: self._resized_or_failure(batch["image"][i]) for i in todo}
+        for i, failure in resized.items():
+            if isinstance(failure, tuple):
+                error_stage[i], (error_type[i], error_message[i]) = PREPROCESS, failure
+        todo = [i for i in todo if not isinstance(resized[i], tuple)]
         if todo:
-            results = self._infer_or_fail([batch["image"][i] for i in todo],
+            results = self._infer_or_fail([resized[i] for i in todo],
                                           [(int(batch["height"][i]), int(batch["width"][i])) for i in todo])
             for i, result in zip(todo, results):
                 if isinstance(result, tuple):

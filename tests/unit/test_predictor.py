@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -46,17 +47,43 @@ def test_an_image_that_fails_its_batch_fails_alone(tmp_path):
         return forward(pixel_values=pixel_values, **kwargs)
 
     predictor.model.forward = out_of_memory_on_large_inputs
-    n = len(images)
-    column = np.empty(n, dtype=object)
-    column[:] = images
-    batch = {"key": np.asarray([f.name for f in files]), "image": column,
-             "height": np.asarray([im.shape[0] for im in images]), "width": np.asarray([im.shape[1] for im in images]),
-             "error_type": np.full(n, ""), "error_stage": np.full(n, ""), "error_message": np.full(n, "")}
-    out = predictor(batch)
+    out = predictor(_batch([f.name for f in files], images))
     assert out["error_type"].tolist() == ["", "OutOfMemoryError", ""]
     assert out["error_stage"][1] == "infer" and "out of memory" in out["error_message"][1]
     for i in (0, 2):
         assert len(out["segments"][i]) > 2 and out["segment_ids"][i].shape == images[i].shape[:2]
+
+
+def test_an_image_the_processor_cannot_resize_fails_alone_before_the_model(tmp_path):
+    """Past about 500:1 the bundled model's processor (longest edge 256) rounds the short side to 0
+    pixels and refuses the image: a preprocess error row for it, one forward pass for the others."""
+    files = sorted((generate_scenes(tmp_path, count=3, seed=5) / "images").iterdir())[1:]  # as in the compile test
+    images = [np.asarray(Image.open(f).convert("RGB").resize((240, 180))) for f in files]
+    images.insert(1, np.full((2, 1100, 3), 128, np.uint8))
+    predictor = Predictor(InferenceConfig(model=BUNDLED))
+    forward, shapes = predictor.model.forward, []
+
+    def counted(pixel_values, **kwargs):
+        shapes.append(tuple(pixel_values.shape))
+        return forward(pixel_values=pixel_values, **kwargs)
+
+    predictor.model.forward = counted
+    out = predictor(_batch(["a.jpg", "wide.png", "b.jpg"], images))
+    assert out["error_stage"].tolist() == ["", "preprocess", ""]
+    assert out["error_type"][1] == "ValueError" and "cannot resize this 1100x2 image" in out["error_message"][1]
+    assert len(shapes) == 1 and shapes[0][0] == 2  # one shape: one forward, not a retry image by image
+    for i in (0, 2):
+        assert len(json.loads(out["segments"][i])) > 2 and out["segment_ids"][i].shape == images[i].shape[:2]
+
+
+def _batch(keys: list[str], images: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch as the decode stage hands it to the inference actor."""
+    n = len(images)
+    column = np.empty(n, dtype=object)
+    column[:] = images
+    return {"key": np.asarray(keys), "image": column,
+            "height": np.asarray([im.shape[0] for im in images]), "width": np.asarray([im.shape[1] for im in images]),
+            "error_type": np.full(n, ""), "error_stage": np.full(n, ""), "error_message": np.full(n, "")}
 
 
 def test_on_a_cpu_the_actors_share_the_cores_as_torch_threads(monkeypatch):
