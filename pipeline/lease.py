@@ -3,8 +3,9 @@
 Two runs on one output (a scheduled run that starts before the last one ended) would both list
 the same pending images and segment them twice. So a run holds a lease, which it renews while it
 works and deletes when it ends. Another run refuses to start while the lease is live: renewed
-within EXPIRES_SECONDS and, when the holder is on this host, its process still alive. So a rerun
-after a kill on the same host starts at once, and one on another host once the lease expires.
+within EXPIRES_SECONDS and, when the holder is a process of this machine and PID namespace, that
+process still running. So a rerun after a kill on the same machine starts at once, and one on another
+machine or in another container once the lease expires.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeline.storage import OutputStore
@@ -32,14 +34,43 @@ class OutputBusy(RuntimeError):
     """Another run is writing to this output."""
 
 
-def _alive(pid: int) -> bool:
+def _process(pid: int) -> dict:
+    """Who process `pid` of this machine is: its host name and pid and, on Linux, what makes those
+    unambiguous. A host name is not: containers on the host's network share it, and so may machines
+    (the boot id tells them apart). Nor is a pid: a container numbers its processes in its own PID
+    namespace, and a pid is reused once its process ends (its start time tells them apart)."""
+    identity: dict = {"host": socket.gethostname(), "pid": pid}
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        identity["boot"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        identity["pid_namespace"] = os.stat("/proc/self/ns/pid").st_ino
+        identity["process_start"] = _start_time(pid)
+    except OSError:  # no /proc (macOS): the host name and pid alone
+        pass
+    return identity
+
+
+def _start_time(pid: int) -> str:
+    """Field 22 of /proc/<pid>/stat: the process's start, in clock ticks since boot."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2:].split()[19]  # after the name, which may hold spaces and parentheses
+
+
+def _ended_here(lease: dict) -> bool:
+    """Whether the lease's holder is a process of this machine and PID namespace that has ended.
+    A holder seen elsewhere, or not known as precisely as this process knows itself, may be alive."""
+    here = _process(os.getpid())
+    if any(lease.get(name) != here.get(name) for name in ("host", "boot", "pid_namespace")):
         return False
-    except PermissionError:  # another user's process
+    try:
+        os.kill(lease["pid"], 0)
+    except ProcessLookupError:
         return True
-    return True
+    except PermissionError:  # another user's process
+        pass
+    try:
+        return "process_start" in here and _start_time(lease["pid"]) != lease.get("process_start")  # pid reused
+    except OSError:  # ended meanwhile
+        return True
 
 
 def _read(store: OutputStore) -> dict | None:
@@ -65,7 +96,7 @@ def _holder(store: OutputStore, now: float) -> dict | None:
     lease = _read(store)
     if lease is None or now - lease["renewed"] > EXPIRES_SECONDS:
         return None
-    if lease["host"] == socket.gethostname() and not _alive(lease["pid"]):
+    if _ended_here(lease):
         return None
     return lease
 
@@ -89,7 +120,7 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
     holder = _holder(store, time.time())
     if holder is not None:
         raise _busy(store, holder, time.time())
-    lease = {"run_id": run_id, "started": started, "host": socket.gethostname(), "pid": os.getpid()}
+    lease = {"run_id": run_id, "started": started, **_process(os.getpid())}
 
     def renewed() -> bytes:
         return json.dumps(lease | {"renewed": time.time()}).encode()

@@ -1,6 +1,5 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,9 +17,17 @@ def fast(monkeypatch):
     monkeypatch.setattr(lease, "SETTLE_SECONDS", 0.0)
 
 
-def plant(store: OutputStore, host: str, pid: int, age: float, run_id: str = "other-run") -> None:
-    store.write_bytes(LEASE, json.dumps({"run_id": run_id, "started": "2026-12-02T10:00:00Z", "host": host,
-                                         "pid": pid, "renewed": time.time() - age}).encode())
+def plant(store: OutputStore, holder: dict, age: float, run_id: str = "other-run") -> None:
+    store.write_bytes(LEASE, json.dumps({"run_id": run_id, "started": "2026-12-02T10:00:00Z", **holder,
+                                         "renewed": time.time() - age}).encode())
+
+
+def here(**changes) -> dict:
+    """This process as a lease names its holder, with `changes`."""
+    return lease._process(os.getpid()) | changes
+
+
+ELSEWHERE = {"host": "some-other-node", "pid": 1}
 
 
 def dead_pid() -> int:
@@ -51,24 +58,41 @@ def test_the_lease_is_released_when_the_run_fails(tmp_path):
 
 def test_a_live_holder_on_another_host_blocks_until_its_lease_expires(tmp_path):
     store = OutputStore(str(tmp_path))
-    plant(store, "some-other-node", os.getpid(), age=30)
+    plant(store, here(host="some-other-node"), age=30)
     with pytest.raises(OutputBusy, match="some-other-node.*last seen 30 s ago"):
         with hold_lease(store, "mine", "now"):
             pass
-    plant(store, "some-other-node", os.getpid(), age=lease.EXPIRES_SECONDS + 1)
+    plant(store, here(host="some-other-node"), age=lease.EXPIRES_SECONDS + 1)
     with hold_lease(store, "mine", "now"):
         assert json.loads(store.read_bytes(LEASE))["run_id"] == "mine"
 
 
 def test_a_killed_holder_on_this_host_frees_the_output_at_once(tmp_path):
     store = OutputStore(str(tmp_path))
-    plant(store, socket.gethostname(), os.getpid(), age=1)
+    plant(store, here(), age=1)
     with pytest.raises(OutputBusy):
         with hold_lease(store, "mine", "now"):
             pass
-    plant(store, socket.gethostname(), dead_pid(), age=1)
+    plant(store, here(pid=dead_pid()), age=1)
     with hold_lease(store, "mine", "now"):
         pass
+
+
+def test_a_holder_of_this_host_name_in_another_container_or_machine_is_waited_for(tmp_path):
+    """Containers on the host's network share its host name, each with its own pids; so may machines."""
+    store = OutputStore(str(tmp_path))
+    for other in (here(pid=dead_pid(), pid_namespace=1), here(pid=dead_pid(), boot="another-boot")):
+        plant(store, other, age=1)
+        with pytest.raises(OutputBusy, match=f"process {other['pid']}"):
+            with hold_lease(store, "mine", "now"):
+                pass
+
+
+def test_a_holder_whose_pid_another_process_took_frees_the_output_at_once(tmp_path):
+    store = OutputStore(str(tmp_path))
+    plant(store, here(process_start="1"), age=1)  # this process's pid, another start: the holder ended
+    with hold_lease(store, "mine", "now"):
+        assert json.loads(store.read_bytes(LEASE))["run_id"] == "mine"
 
 
 def test_the_lease_is_renewed_while_the_run_works(tmp_path, monkeypatch):
@@ -83,7 +107,7 @@ def test_the_lease_is_renewed_while_the_run_works(tmp_path, monkeypatch):
 def test_a_run_that_loses_a_simultaneous_start_refuses(tmp_path, monkeypatch):
     """Both found no lease and both wrote one: the one whose write was overwritten gives way."""
     store = OutputStore(str(tmp_path))
-    monkeypatch.setattr(lease.time, "sleep", lambda _: plant(store, "some-other-node", 1, age=0, run_id="rival"))
+    monkeypatch.setattr(lease.time, "sleep", lambda _: plant(store, ELSEWHERE, age=0, run_id="rival"))
     with pytest.raises(OutputBusy, match="rival"):
         with hold_lease(store, "mine", "now"):
             pass
@@ -94,7 +118,7 @@ def test_a_run_that_finds_no_lease_but_loses_its_creation_refuses_without_touchi
     """The rival created its lease between this run's look and its write: the store refuses the
     second creation, whatever the timing (no settling wait decides it)."""
     store = OutputStore(str(tmp_path))
-    plant(store, "some-other-node", 1, age=0, run_id="rival")
+    plant(store, ELSEWHERE, age=0, run_id="rival")
     holder, looks = lease._holder, []
     monkeypatch.setattr(lease, "_holder", lambda *a: holder(*a) if looks.append(1) or len(looks) > 1 else None)
     before = store.read_bytes(LEASE)
@@ -138,7 +162,7 @@ def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_new_lease_alone(t
     store = OutputStore(str(tmp_path))
     with hold_lease(store, "mine", "now") as still_held:
         still_held()  # held: no error
-        plant(store, "some-other-node", 12345, age=0, run_id="newer")
+        plant(store, ELSEWHERE | {"pid": 12345}, age=0, run_id="newer")
         assert "run newer (on some-other-node, process 12345) took over" in stop_message(still_held)
         time.sleep(0.2)  # renewals would have overwritten it by now
         assert json.loads(store.read_bytes(LEASE))["run_id"] == "newer"
