@@ -396,33 +396,36 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
     record = {"run_id": run_id, "started": started_at, "input": config.input,
               "execution": asdict(config.execution), **settings}
     results = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    # interrupted anywhere until the run's record is written (the rebuild of a large output takes
+    # minutes), the history keeps the run; its committed shards stay for a rerun
     try:
-        finished = _drive(results, counts, progress, config.max_error_ratio, still_held)
-    except KeyboardInterrupt:  # the history keeps the run; its committed shards stay for a rerun
+        try:
+            finished = _drive(results, counts, progress, config.max_error_ratio, still_held)
+        except OutputBusy:  # another run took the output over: stop writing, and touch nothing of its
+            _stop(dataset, results)
+            record_run(store, record | {"lost_lease": _utc(), "counts": _committed_since(store, before)})
+            raise
+        if not finished:
+            _stop(dataset, results)
+            remove_uncommitted(store)  # what a task killed mid-shard left: the output holds only commits
+        if config.previews:
+            write_index(store, store.find(PREVIEWS_DIR, ".jpg"))
+        # a pass over every committed shard: minutes on an output of millions of images
+        progress(f"rebuilding coco/ and report.json from the committed shards under {config.output}")
+        totals = rebuild(store, categories, instances="instance" in config.postprocess.tasks)
+        errors = committed_errors(store)
+        # From what the run committed, not from the driver's count of streamed results: shards in
+        # flight when a run stops may have committed after the driver's last result.
+        counts.ok = totals.images_by_run[run_id]
+        counts.error_types = Counter({kind: n for (run, kind), n in errors.items() if run == run_id})
+        counts.failed = sum(counts.error_types.values())
+        counts.wall_seconds = time.monotonic() - started
+        report = build_report(counts, totals, errors, categories, record)
+        write_report(store, report)
+        record_run(store, record | {"finished": _utc(), "counts": report["run"]})
+    except KeyboardInterrupt:
         record_run(store, record | {"interrupted": _utc(), "counts": _committed_since(store, before)})
         raise
-    except OutputBusy:  # another run took the output over: stop writing, and touch nothing of its
-        _stop(dataset, results)
-        record_run(store, record | {"lost_lease": _utc(), "counts": _committed_since(store, before)})
-        raise
-    if not finished:
-        _stop(dataset, results)
-        remove_uncommitted(store)  # what a task killed mid-shard left: the output holds only commits
-    if config.previews:
-        write_index(store, store.find(PREVIEWS_DIR, ".jpg"))
-    # a pass over every committed shard: minutes on an output of millions of images
-    progress(f"rebuilding coco/ and report.json from the committed shards under {config.output}")
-    totals = rebuild(store, categories, instances="instance" in config.postprocess.tasks)
-    errors = committed_errors(store)
-    # From what the run committed, not from the driver's count of streamed results: shards in
-    # flight when a run stops may have committed after the driver's last result.
-    counts.ok = totals.images_by_run[run_id]
-    counts.error_types = Counter({kind: n for (run, kind), n in errors.items() if run == run_id})
-    counts.failed = sum(counts.error_types.values())
-    counts.wall_seconds = time.monotonic() - started
-    report = build_report(counts, totals, errors, categories, record)
-    write_report(store, report)
-    record_run(store, record | {"finished": _utc(), "counts": report["run"]})
     if not finished:
         raise TooManyErrors(
             f"stopped: {counts.failed} of {counts.processed} images failed (more than --max-error-ratio "

@@ -120,6 +120,26 @@ def test_grown_input_processes_only_new_images(ray_runtime, tmp_path):
     assert third["run"]["processed"] == 0 and third["dataset"]["images"] == 15
 
 
+def test_a_run_interrupted_while_it_rebuilds_coco_is_kept_in_the_history(ray_runtime, tmp_path, image_dir, monkeypatch):
+    """The rebuild of a large output takes minutes: a SIGTERM then must not lose the run's record."""
+    import pipeline.run
+    from pipeline.run import Terminated
+
+    def terminated(*args, **kwargs):
+        raise Terminated
+
+    output = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.run, "rebuild", terminated)
+        with pytest.raises(Terminated):
+            run(RunConfig(input=str(image_dir), output=str(output)), progress=lambda _: None)
+    [record] = [json.loads(p.read_text()) for p in (output / "_state" / "runs").glob("*.json")]
+    assert record["interrupted"] and "finished" not in record
+    images = len(list(image_dir.rglob("img_*")))
+    assert record["counts"]["ok"] + record["counts"]["failed"] == images > 0
+    assert run(RunConfig(input=str(image_dir), output=str(output)), progress=lambda _: None)["dataset"]["images"] == images
+
+
 def test_changed_settings_are_refused_unless_overwrite(ray_runtime, tmp_path, image_dir):
     from pipeline.config import PostprocessConfig
     from pipeline.state import SettingsMismatch
