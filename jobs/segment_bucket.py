@@ -31,9 +31,10 @@ from pipeline.model import BUNDLED, ModelError  # noqa: E402
 from pipeline.state import NotAnOutput, SettingsMismatch  # noqa: E402
 from pipeline.remote import StorageConfig, UnsupportedURL, redact, storage_error_message  # noqa: E402
 from pipeline.run import ClusterTooSmall, ExecutionConfig, RunConfig, Terminated, TooManyErrors, run  # noqa: E402
+from pipeline.storage import DamagedOutput  # noqa: E402
 
 USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, TooManyErrors, ClusterTooSmall, OutputBusy,
-               UnsupportedURL, NotOnEveryNode, NotAnOutput)
+               UnsupportedURL, NotOnEveryNode, NotAnOutput, DamagedOutput)
 
 
 def user_error_message(exc: BaseException) -> str | None:

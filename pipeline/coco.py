@@ -157,6 +157,15 @@ def write_instances_json(store: OutputStore, categories: Sequence[Category]) -> 
     _write_dataset(store, INSTANCES_JSON, DatasetTotals(), annotations(), things)
 
 
+def _last_build(store: OutputStore) -> dict | None:
+    """What coco/ was last built from, if known. A cache: damaged, it is as if absent."""
+    try:
+        built = json.loads(store.read_bytes(BUILT_FROM))
+    except (FileNotFoundError, ValueError):
+        return None
+    return built if isinstance(built, dict) and {"source", "outputs", "totals"} <= built.keys() else None
+
+
 def rebuild(store: OutputStore, categories: Sequence[Category], instances: bool) -> DatasetTotals:
     """Write `coco/panoptic.json` (and `coco/instances.json`) from every committed shard and
     return the dataset totals; or, when the committed images parts are exactly those (names,
@@ -164,10 +173,7 @@ def rebuild(store: OutputStore, categories: Sequence[Category], instances: bool)
     new, keep them and return the totals recorded then: a rebuild reads every part."""
     source = hashlib.sha256(json.dumps(store.versions(IMAGES_DIR, PART_SUFFIX)).encode()).hexdigest()
     outputs = [PANOPTIC_JSON, *([INSTANCES_JSON] if instances else [])]
-    try:
-        built = json.loads(store.read_bytes(BUILT_FROM))
-    except FileNotFoundError:
-        built = None
+    built = _last_build(store)
     if built and built["source"] == source and built["outputs"] == outputs and all(map(store.exists, outputs)):
         return DatasetTotals.from_json(built["totals"])
     totals = write_panoptic_json(store, categories)

@@ -20,7 +20,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -36,8 +36,10 @@ from pipeline.memory import release_free_memory
 from pipeline.read import read_bytes
 from pipeline.previews import write_preview
 from pipeline.remote import StorageConfig
-from pipeline.storage import OutputStore
+from pipeline.storage import DamagedOutput, OutputStore
 from schemas import tables
+
+T = TypeVar("T")
 
 IMAGES_DIR = "tables/images"
 ERRORS_DIR = "tables/errors"
@@ -219,9 +221,20 @@ def _fetch(store: OutputStore, parts: Sequence[str]) -> Iterator[bytes]:
         yield from store.read_many(parts[start:start + FETCH_PARTS])
 
 
+def _read(store: OutputStore, parts: Sequence[str], read: Callable[[io.BytesIO], T]) -> Iterator[T]:
+    """`read` of each part's bytes, in order; DamagedOutput naming a part Arrow cannot read."""
+    for part, data in zip(parts, _fetch(store, parts)):
+        try:
+            yield read(io.BytesIO(data))
+        except pa.ArrowException as exc:
+            raise DamagedOutput(f"{store.url(part)} cannot be read ({type(exc).__name__}: {exc}): it was damaged "
+                                "after it was committed. Delete it, and the next run processes its shard's "
+                                "images again") from exc
+
+
 def _rows(store: OutputStore, parts: Sequence[str]) -> int:
     """How many rows the parts hold, from their footers."""
-    return sum(pq.read_metadata(io.BytesIO(data)).num_rows for data in _fetch(store, parts))
+    return sum(_read(store, parts, lambda data: pq.read_metadata(data).num_rows))
 
 
 def _committed(store: OutputStore, directory: str, parts: Sequence[str] | None = None) -> list[str]:
@@ -243,8 +256,7 @@ def forget_failures(store: OutputStore) -> int:
 
 def iter_committed(store: OutputStore, directory: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
     """Each committed part of `directory` (IMAGES_DIR or ERRORS_DIR) as a table."""
-    for data in _fetch(store, _committed(store, directory)):
-        yield pq.read_table(io.BytesIO(data), columns=columns)
+    yield from _read(store, _committed(store, directory), lambda data: pq.read_table(data, columns=columns))
 
 
 def committed_count(store: OutputStore) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from pipeline.lease import LEASE
-from pipeline.storage import OutputStore
+from pipeline.storage import DamagedOutput, OutputStore
 
 STATE_DIR = "_state"
 SETTINGS = f"{STATE_DIR}/settings.json"
@@ -48,7 +48,7 @@ def check_settings(store: OutputStore, fingerprint: dict, committed: bool) -> No
     """Record `fingerprint` on an output that holds no results yet; on one that does, refuse a
     fingerprint that differs from the recorded one. The same weights under another name (a
     local copy of a hub checkpoint, say) are the same model."""
-    recorded = json.loads(store.read_bytes(SETTINGS)) if committed and store.exists(SETTINGS) else None
+    recorded = _recorded(store) if committed and store.exists(SETTINGS) else None
     if recorded is None:
         store.write_bytes(SETTINGS, json.dumps(fingerprint, indent=2, sort_keys=True).encode())
         return
@@ -60,6 +60,19 @@ def check_settings(store: OutputStore, fingerprint: dict, committed: bool) -> No
             f"{store.root} was made with other settings ({'; '.join(changed)}); mixing them would give "
             "an inconsistent dataset. Use another --output, or pass --overwrite to delete it and start again."
         )
+
+
+def _recorded(store: OutputStore) -> dict:
+    try:
+        recorded = json.loads(store.read_bytes(SETTINGS))
+    except ValueError as exc:  # not JSON, or not UTF-8
+        recorded = exc
+    if not isinstance(recorded, dict):
+        raise DamagedOutput(
+            f"{store.url(SETTINGS)} cannot be read ({recorded}): it was damaged after a run wrote it. Pass "
+            "--overwrite to start the output again or, if this run's settings are the output's, delete the file: "
+            "this run then records them")
+    return recorded
 
 
 class NotAnOutput(ValueError):

@@ -19,6 +19,11 @@ from pipeline.remote import StorageConfig, file_system, file_version
 
 S3_DELETE_KEYS = 1000  # the most keys one DeleteObjects request takes
 
+
+class DamagedOutput(ValueError):
+    """A file the pipeline wrote under the output cannot be read back: it was damaged or replaced
+    after it was written (the writes are atomic). The message names it and says what to do."""
+
 @dataclass(frozen=True)
 class OutputStore:
     """Files under one output root (a local path or an fsspec URL)."""

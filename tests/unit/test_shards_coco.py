@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 
 from pipeline.coco import image_id, rebuild, write_panoptic_json
@@ -8,7 +9,7 @@ from pipeline.encode import read_panoptic_png
 from pipeline.labels import Category
 from pipeline.shards import (ShardOutput, _parquet_bytes, committed_count, committed_keys, iter_committed,
                              remove_uncommitted, write_shard)
-from pipeline.storage import OutputStore
+from pipeline.storage import DamagedOutput, OutputStore
 from schemas import tables
 
 CATEGORIES = (Category(0, 1, "sky", False, (0, 0, 255), "stuff"), Category(1, 7, "disc", True, (255, 0, 0), "thing"))
@@ -92,6 +93,21 @@ def test_coco_is_rebuilt_only_when_the_committed_parts_changed(tmp_path):
     panoptic.unlink()  # or deleted by hand, or never asked for
     assert rebuild(store, CATEGORIES, instances=True).images == 3
     assert panoptic.exists() and (tmp_path / "coco/instances.json").exists()
+
+
+def test_damaged_outputs_files_a_rerun_reads(tmp_path):
+    """Written atomically, they are only damaged from outside: coco/'s cache is built again; a
+    committed part that cannot be read is named, with what to do, instead of a traceback."""
+    store = OutputStore(str(tmp_path))
+    write_shard(_batch(["a.jpg"]), ShardOutput(store, CATEGORIES, "r", "m"))
+    rebuild(store, CATEGORIES, instances=False)
+    (tmp_path / "_state/coco.json").write_text('{"source": "ab')  # cut off
+    assert rebuild(store, CATEGORIES, instances=False).images == 1
+    (part,) = (tmp_path / "tables/images").iterdir()
+    part.write_bytes(part.read_bytes()[:100])
+    for read in (committed_count, committed_keys, lambda s: rebuild(s, CATEGORIES, instances=False)):
+        with pytest.raises(DamagedOutput, match=f"{part} cannot be read .*Delete it, and the next run processes"):
+            read(store)
 
 
 def test_a_shard_written_again_overwrites_its_parts(tmp_path):

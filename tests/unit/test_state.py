@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.state import SettingsMismatch, check_settings
-from pipeline.storage import OutputStore
+from pipeline.storage import DamagedOutput, OutputStore
 
 SETTINGS = {"model": "facebook/maskformer-swin-base-coco", "model_digest": "abc", "dtype": "auto",
             "postprocess": {"threshold": 0.8, "tasks": ["panoptic"]}}
@@ -24,6 +24,15 @@ def test_the_same_weights_under_another_name_are_the_same_model(tmp_path):
     check_settings(store, SETTINGS | {"model": "/models/maskformer-swin-base-coco"}, committed=True)
     with pytest.raises(SettingsMismatch, match="model_digest"):
         check_settings(store, SETTINGS | {"model": "/models/other", "model_digest": "def"}, committed=True)
+
+
+def test_damaged_settings_are_named_with_what_to_do(tmp_path):
+    store = OutputStore(str(tmp_path))
+    check_settings(store, SETTINGS, committed=False)
+    for damaged in ('{"model": "faceb', "[]"):
+        (tmp_path / "_state/settings.json").write_text(damaged)
+        with pytest.raises(DamagedOutput, match="settings.json cannot be read .*--overwrite .*delete the file"):
+            check_settings(store, SETTINGS, committed=True)
 
 
 def test_settings_of_a_run_that_committed_nothing_do_not_bind(tmp_path):
