@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -126,6 +127,15 @@ def _count(text: str) -> int:
     return _number(text, int, lambda v: v >= 0, "expected 0 or a positive integer")
 
 
+def _endpoint(text: str) -> str:
+    """botocore takes only a URL with its scheme: `127.0.0.1:9000` fails deep in the first request."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL with a host, e.g. "
+                                         f"http://127.0.0.1:8333, got {text!r}")
+    return text
+
+
 def _path(text: str) -> str:
     if not text.strip():  # an unset shell variable: would mean the current folder
         raise argparse.ArgumentTypeError("expected a path or URL, got an empty string")
@@ -143,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "directory, or an s3:// directory; safetensors only (default: the bundled model)")
     p.add_argument("--label-map", type=_path, help="JSON label map giving isthing/COCO id/colour per model label "
                                        "(default: the checkpoint's label_map.json, else the COCO panoptic map)")
-    p.add_argument("--endpoint-url", default=None,
+    p.add_argument("--endpoint-url", default=None, type=_endpoint,
                    help="S3-compatible endpoint for s3:// URLs (default: AWS, or $AWS_ENDPOINT_URL)")
     p.add_argument("--anonymous", action="store_true",
                    help="read s3:// input without credentials (public buckets)")
@@ -180,7 +190,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retry-failed", action="store_true",
                    help="redo the images that earlier runs on this output committed as failed "
                         "(e.g. read errors while the bucket was unreachable)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.endpoint_url is None and os.environ.get("AWS_ENDPOINT_URL"):  # botocore's default, checked alike
+        try:
+            _endpoint(os.environ["AWS_ENDPOINT_URL"])
+        except argparse.ArgumentTypeError as exc:
+            p.error(f"$AWS_ENDPOINT_URL: {exc}")
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
