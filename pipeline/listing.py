@@ -255,6 +255,9 @@ def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig(),
             yield safe_key(root.rsplit("/", 1)[-1]), input_uri
             return
         if not fs.isdir(root):
+            if fs.isfile(root):
+                raise InputError(f"input {input_uri} is a file that is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                                 f"nor a manifest of image URIs ({', '.join(MANIFEST_EXTENSIONS)})")
             raise InputError(f"no images found: input {input_uri} does not exist or is an empty prefix")
         yield from _list_folder(fs, root, protocol, _inside(output, storage, fs, root) if output else None)
     except (InputError, UnsupportedURL):

@@ -46,9 +46,12 @@ def test_manifests(tmp_path, image_dir):
         assert all(not k.startswith("/") for k, _ in pairs)
 
 
-def test_missing_input_is_a_clear_error(tmp_path):
+def test_a_missing_input_or_a_file_that_is_no_input_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         list(iter_inputs(str(tmp_path / "nope")))
+    (tmp_path / "labels.json").write_text("{}")
+    with pytest.raises(InputError, match=r"labels.json is a file that is neither an image \(.*\.jpg.*\) nor a manifest"):
+        list(iter_inputs(str(tmp_path / "labels.json")))
 
 
 def test_unprintable_characters_never_share_a_key():
