@@ -357,12 +357,13 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     local = [("--input", path) for path in dict.fromkeys((config.input, first[1])) if "://" not in path]
     if local_model:
         local += [("--model", str(path)) for path in sorted(model_dir.iterdir()) if path.suffix in (".json", ".safetensors")]
+    _start_ray()
+    on_gpu = _on_gpu()
+    _check_room(config.execution, on_gpu, can_grow="RAY_ADDRESS" in os.environ, progress=progress)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-    with hold_lease(store, run_id, started_at) as still_held:
-        _start_ray()
-        with _sigterm_interrupts():
-            return _segment(config, store, model_dir, categories, run_id, started, started_at, progress, still_held,
-                            local)
+    with hold_lease(store, run_id, started_at) as still_held, _sigterm_interrupts():
+        return _segment(config, store, model_dir, categories, run_id, on_gpu, started, started_at, progress,
+                        still_held, local)
 
 
 def _start_ray() -> None:
@@ -373,11 +374,9 @@ def _start_ray() -> None:
 
 
 def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories: tuple[Category, ...], run_id: str,
-             started: float, started_at: str, progress: Callable[[str], None], still_held: Callable[[], None],
-             local: list[tuple[str, str]]) -> dict:
+             on_gpu: bool, started: float, started_at: str, progress: Callable[[str], None],
+             still_held: Callable[[], None], local: list[tuple[str, str]]) -> dict:
     """The run proper, on an output it alone writes to; `local`: (flag, path) of its local inputs."""
-    on_gpu = _on_gpu()
-    _check_room(config.execution, on_gpu, can_grow="RAY_ADDRESS" in os.environ, progress=progress)
     _check_nodes_see(local, store, run_id, progress)
     if config.overwrite:
         clear_outputs(store)

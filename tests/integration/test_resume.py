@@ -316,3 +316,4 @@ def test_more_inference_actors_than_the_machine_holds_is_refused(ray_runtime, tm
     with pytest.raises(ClusterTooSmall, match="--concurrency 2 needs 2.75 CPUs, the cluster has 2"):
         run(RunConfig(input=str(image_dir), output=str(tmp_path / "out"),
                       execution=ExecutionConfig(concurrency=(2, 2))), progress=lambda _: None)
+    assert not (tmp_path / "out").exists()  # refused before it took the output's lease
