@@ -118,7 +118,7 @@ class Predictor:
     def _check_it_runs(self, directory: object) -> None:
         """A small test image resized and through the model: a checkpoint whose processor config or
         model cannot run (a `size` transformers cannot apply, a node that cannot compile) is
-        refused at start-up, instead of failing every image, each committed as an error row.
+        refused before its first batch, instead of failing every image, each committed as an error row.
         Compiled, two of them: a group of one image would compile a graph of its own; and not square,
         or torch would specialise the graph to height == width and compile again for the first photo."""
         images = [np.zeros((48, 64, 3), np.uint8)] * (2 if self.config.compile else 1)

@@ -29,6 +29,7 @@ def job(*args: str) -> subprocess.CompletedProcess:
 def one_error_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout, result.stdout[-3000:]  # where Ray prints a failed actor's
     (line,) = [line for line in result.stderr.splitlines() if "error:" in line and "ERROR" not in line]
     return line
 
@@ -65,6 +66,7 @@ def test_a_model_the_inference_actors_cannot_load(tmp_path, untrained_model):
     shutil.copy(BUNDLED_DIR / "model.safetensors", mismatched / "model.safetensors")
     line = one_error_line(job("--input", str(SAMPLES), "--output", str(tmp_path / "out"), "--model", str(mismatched)))
     assert line.startswith(f"error: model in {mismatched} cannot be loaded: RuntimeError: ")
+    assert "above report" not in line  # transformers' report went to the actor's log
 
 
 def test_a_disk_that_fills_up_under_the_write_tasks(tmp_path):
