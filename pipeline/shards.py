@@ -226,8 +226,9 @@ def _read(store: OutputStore, parts: Sequence[str], read: Callable[[io.BytesIO],
     for part, data in zip(parts, _fetch(store, parts)):
         try:
             yield read(io.BytesIO(data))
-        except pa.ArrowException as exc:
-            raise DamagedOutput(f"{store.url(part)} cannot be read ({type(exc).__name__}: {exc}): it was damaged "
+        except (pa.ArrowException, OSError) as exc:  # OSError: damaged data pages (the bytes are in memory)
+            reason = " ".join(str(exc).split())  # Arrow's messages span lines; the job's error is one
+            raise DamagedOutput(f"{store.url(part)} cannot be read ({type(exc).__name__}: {reason}): it was damaged "
                                 "after it was committed. Delete it, and the next run processes its shard's "
                                 "images again") from exc
 
