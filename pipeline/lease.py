@@ -61,16 +61,24 @@ def _ended_here(lease: dict) -> bool:
     here = _process(os.getpid())
     if any(lease.get(name) != here.get(name) for name in ("host", "boot", "pid_namespace")):
         return False
+    if not _exists(lease["pid"]):
+        return True
+    if "process_start" not in here:
+        return False
     try:
-        os.kill(lease["pid"], 0)
+        return _start_time(lease["pid"]) != lease.get("process_start")  # the pid reused
+    except OSError:  # hidden from this user (/proc mounted with hidepid), or ended meanwhile
+        return not _exists(lease["pid"])
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return False
     except PermissionError:  # another user's process
-        pass
-    try:
-        return "process_start" in here and _start_time(lease["pid"]) != lease.get("process_start")  # pid reused
-    except OSError:  # ended meanwhile
         return True
+    return True
 
 
 def _read(store: OutputStore) -> dict | None:
@@ -109,6 +117,14 @@ def _busy(store: OutputStore, holder: dict, now: float) -> OutputBusy:
         f"for its lease to expire ({EXPIRES_SECONDS:.0f} s after it was last seen)")
 
 
+def check_free(store: OutputStore) -> None:
+    """OutputBusy if another run holds the output now: refused before a run starts Ray for nothing.
+    (Only `hold_lease` takes the output, atomically.)"""
+    holder = _holder(store, time.time())
+    if holder is not None:
+        raise _busy(store, holder, time.time())
+
+
 @contextmanager
 def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callable[[], None]]:
     """Hold the output's lease for the body of the `with`; OutputBusy if another run holds it.
@@ -117,9 +133,7 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
     unseen past EXPIRES_SECONDS (a suspended machine, a storage outage), the other found it
     expired, and both would now segment the same images. The renewals stop then, so as not to
     overwrite the other's lease."""
-    holder = _holder(store, time.time())
-    if holder is not None:
-        raise _busy(store, holder, time.time())
+    check_free(store)
     lease = {"run_id": run_id, "started": started, **_process(os.getpid())}
 
     def renewed() -> bytes:

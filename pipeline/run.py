@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline.coco import rebuild
 from pipeline.config import InferenceConfig, PostprocessConfig, resolved_dtype
 from pipeline.labels import Category, load_categories
-from pipeline.lease import EXPIRES_SECONDS, OutputBusy, hold_lease
+from pipeline.lease import EXPIRES_SECONDS, OutputBusy, check_free, hold_lease
 from pipeline.listing import InputError, iter_inputs, keys_root
 from pipeline.local_paths import absolute, check_every_node_sees, probes, seen
 from pipeline.model import BUNDLED, ModelError, ModelSource, local_dir, model_labels, weights_digest
@@ -370,6 +370,7 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     local = [("--input", path) for path in dict.fromkeys((config.input, first[1])) if "://" not in path]
     if local_model:
         local += [("--model", str(path)) for path in sorted(model_dir.iterdir()) if path.suffix in (".json", ".safetensors")]
+    check_free(store)
     _start_ray()
     on_gpu = _on_gpu()
     _check_room(config.execution, on_gpu, can_grow="RAY_ADDRESS" in os.environ, progress=progress)

@@ -88,6 +88,24 @@ def test_a_holder_of_this_host_name_in_another_container_or_machine_is_waited_fo
                 pass
 
 
+def test_a_holder_this_user_may_not_see_in_proc_is_waited_for(tmp_path, monkeypatch):
+    """/proc mounted with hidepid hides other users' processes: a live holder, not an ended one."""
+    store = OutputStore(str(tmp_path))
+    start_time = lease._start_time
+
+    def hidden(pid: int) -> str:
+        if pid != os.getpid():
+            raise PermissionError(13, "Permission denied", f"/proc/{pid}/stat")
+        return start_time(pid)
+
+    monkeypatch.setattr(lease, "_start_time", hidden)
+    plant(store, here(pid=1), age=1)  # pid 1 runs
+    with pytest.raises(OutputBusy, match="process 1;"):
+        with hold_lease(store, "mine", "now"):
+            pass
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times come from /proc")
 def test_a_holder_whose_pid_another_process_took_frees_the_output_at_once(tmp_path):
     store = OutputStore(str(tmp_path))
     plant(store, here(process_start="1"), age=1)  # this process's pid, another start: the holder ended
