@@ -168,15 +168,19 @@ class Predictor:
                      if "instance" in post.tasks else [None] * n)
         return [ImageResult(*parts) for parts in zip(panoptic, semantic, instances)]
 
-    def _resized_or_failure(self, image: np.ndarray) -> torch.Tensor | tuple[str, str]:
-        """The image resized for the model, or (error type, message) when the checkpoint's processor
-        cannot resize it (past an aspect ratio of about 500:1 for a 256-pixel longest edge, its
-        short side rounds to 0 pixels): that image fails alone, before its batch reaches the model."""
+    def _resized_or_failure(self, image: np.ndarray) -> torch.Tensor | tuple[str, str, str]:
+        """The image resized for the model, or (stage, error type, message) when it cannot be: the
+        checkpoint's processor refuses it (past an aspect ratio of about 500:1 for a 256-pixel
+        longest edge, its short side rounds to 0 pixels), or the device (out of GPU memory on a
+        huge one). That image fails alone, before its batch reaches the model."""
         try:
             return resize_for_model(image, self.processor, self.device)
-        except (RuntimeError, ValueError) as exc:
+        except ValueError as exc:
             height, width = image.shape[:2]
-            return type(exc).__name__, f"the model's image processor cannot resize this {width}x{height} image: {exc}"[:500]
+            return (PREPROCESS, type(exc).__name__,
+                    f"the model's image processor cannot resize this {width}x{height} image: {exc}"[:500])
+        except RuntimeError as exc:
+            return INFER, type(exc).__name__, str(exc)[:500]
 
     def _infer_or_fail(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[ImageResult | tuple[str, str]]:
         """`_segment`, with (error type, message) in place of the result of an image that fails.
@@ -207,7 +211,7 @@ class Predictor:
         resized = {i: self._resized_or_failure(batch["image"][i]) for i in todo}
         for i, failure in resized.items():
             if isinstance(failure, tuple):
-                error_stage[i], (error_type[i], error_message[i]) = PREPROCESS, failure
+                error_stage[i], error_type[i], error_message[i] = failure
         todo = [i for i in todo if not isinstance(resized[i], tuple)]
         if todo:
             results = self._infer_or_fail([resized[i] for i in todo],

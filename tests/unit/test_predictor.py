@@ -7,6 +7,7 @@ from PIL import Image
 
 from pipeline.model import BUNDLED
 from pipeline.config import InferenceConfig
+from pipeline import predictor as predictor_module
 from pipeline.predictor import Predictor
 from pipeline.scenes import generate_scenes
 
@@ -54,7 +55,7 @@ def test_an_image_that_fails_its_batch_fails_alone(tmp_path):
         assert len(out["segments"][i]) > 2 and out["segment_ids"][i].shape == images[i].shape[:2]
 
 
-def test_an_image_the_processor_cannot_resize_fails_alone_before_the_model(tmp_path):
+def test_an_image_the_processor_cannot_resize_fails_alone_before_the_model(tmp_path, monkeypatch):
     """Past about 500:1 the bundled model's processor (longest edge 256) rounds the short side to 0
     pixels and refuses the image: a preprocess error row for it, one forward pass for the others."""
     files = sorted((generate_scenes(tmp_path, count=3, seed=5) / "images").iterdir())[1:]  # as in the compile test
@@ -74,6 +75,17 @@ def test_an_image_the_processor_cannot_resize_fails_alone_before_the_model(tmp_p
     assert len(shapes) == 1 and shapes[0][0] == 2  # one shape: one forward, not a retry image by image
     for i in (0, 2):
         assert len(json.loads(out["segments"][i])) > 2 and out["segment_ids"][i].shape == images[i].shape[:2]
+    # out of GPU memory resizing a huge one: it fails alone too, at the infer stage, and the run goes on
+    resize = predictor_module.resize_for_model
+
+    def out_of_memory_on_wide_images(image, *args):
+        if image.shape[1] > 1000:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return resize(image, *args)
+
+    monkeypatch.setattr(predictor_module, "resize_for_model", out_of_memory_on_wide_images)
+    out = predictor(_batch(["a.jpg", "wide.png", "b.jpg"], images))
+    assert out["error_stage"].tolist() == ["", "infer", ""] and out["error_type"][1] == "OutOfMemoryError"
 
 
 def _batch(keys: list[str], images: list[np.ndarray]) -> dict[str, np.ndarray]:
