@@ -129,8 +129,12 @@ def _count(text: str) -> int:
 
 def _endpoint(text: str) -> str:
     """botocore takes only a URL with its scheme: `127.0.0.1:9000` fails deep in the first request."""
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(text)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an IPv6 address without its closing bracket
+        valid = False
+    if not valid:
         raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL with a host, e.g. "
                                          f"http://127.0.0.1:8333, got {text!r}")
     return text
@@ -184,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop (after committing what is done) once more than this share of images failed, "
                         "counted from the 20th image on (default: 0.5)")
     p.add_argument("--previews", type=_count, default=0, metavar="N",
-                   help="write overlays of the first N images this run segments, and previews/index.html, a contact "
+                   help="write overlays of the first N images this run processes (none for those that fail), and previews/index.html, a contact "
                         "sheet of every overlay the output holds")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing output first; needed to change model or parameters on it")
@@ -192,12 +196,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="redo the images that earlier runs on this output committed as failed "
                         "(e.g. read errors while the bucket was unreachable)")
     args = p.parse_args(argv)
-    if args.endpoint_url is None and os.environ.get("AWS_ENDPOINT_URL"):  # botocore's default, checked alike
+    variable = _endpoint_variable(args)
+    if variable:
         try:
-            _endpoint(os.environ["AWS_ENDPOINT_URL"])
+            _endpoint(os.environ[variable])
         except argparse.ArgumentTypeError as exc:
-            p.error(f"$AWS_ENDPOINT_URL: {exc}")
+            p.error(f"${variable}: {exc}")
     return args
+
+
+def _endpoint_variable(args: argparse.Namespace) -> str | None:
+    """The environment variable botocore takes the S3 endpoint from, when this run reaches S3 and
+    --endpoint-url does not name one; checked as the flag is."""
+    urls = (args.input, args.output, args.model, args.label_map)
+    if args.endpoint_url or not any(str(url).startswith(("s3://", "s3a://")) for url in urls if url):
+        return None
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
+        return None
+    return next((name for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if os.environ.get(name)), None)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

@@ -42,10 +42,11 @@ def test_label_ids_to_fuse_refuses_other_words(capsys):
     assert stopped.value.code == 2 and "ids and/or the word stuff" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["127.0.0.1:9000", "minio:9000", "http://", "ftp://host"])
+@pytest.mark.parametrize("value", ["127.0.0.1:9000", "minio:9000", "http://", "ftp://host", "http://[::1"])
 def test_an_endpoint_without_scheme_or_host_is_refused_at_parse_time(value, capsys, monkeypatch):
     """botocore fails such an endpoint with a ValueError deep in the first request to the output."""
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+        monkeypatch.delenv(name, raising=False)
     with pytest.raises(SystemExit) as stopped:
         job.parse_args(["--input", "in", "--output", "s3://b/out", "--endpoint-url", value])
     assert stopped.value.code == 2 and "expected an http:// or https:// URL with a host" in capsys.readouterr().err
@@ -53,4 +54,5 @@ def test_an_endpoint_without_scheme_or_host_is_refused_at_parse_time(value, caps
     with pytest.raises(SystemExit) as stopped:
         job.parse_args(["--input", "in", "--output", "s3://b/out"])
     assert stopped.value.code == 2 and "$AWS_ENDPOINT_URL: expected" in capsys.readouterr().err
-    assert job.parse_args(["--input", "in", "--output", "o", "--endpoint-url", "http://127.0.0.1:8333"]).endpoint_url
+    assert not job.parse_args(["--input", "in", "--output", "out"]).endpoint_url  # no s3:// URL: botocore unused
+    assert job.parse_args(["--input", "in", "--output", "s3://b/o", "--endpoint-url", "http://[::1]:8333"]).endpoint_url
