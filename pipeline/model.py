@@ -178,8 +178,8 @@ def load_model_and_processor(directory: Path, device: str) -> tuple[Any, Any]:
         return load_model(directory, device), load_processor(directory)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0]
-        # transformers points to a load report it logged: in the actor's log, not before the user
-        first_line = first_line.split(" For details look at the above report")[0]
+        # transformers points to a load report it logs, which the job silences (TRANSFORMERS_VERBOSITY)
+        first_line = first_line.split(" For details look at")[0]
         raise ModelError(f"model in {directory} cannot be loaded: {type(exc).__name__}: {first_line}") from exc
 
 
