@@ -188,8 +188,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop (after committing what is done) once more than this share of images failed, "
                         "counted from the 20th image on (default: 0.5)")
     p.add_argument("--previews", type=_count, default=0, metavar="N",
-                   help="write overlays of the first N images this run processes (none for those that fail), and previews/index.html, a contact "
-                        "sheet of every overlay the output holds")
+                   help="write overlays of the first N images this run processes (none for those that fail), "
+                        "and previews/index.html, a contact sheet of every overlay the output holds")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing output first; needed to change model or parameters on it")
     p.add_argument("--retry-failed", action="store_true",

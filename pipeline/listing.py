@@ -256,8 +256,9 @@ def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig(),
             return
         if not fs.isdir(root):
             if fs.isfile(root):
-                raise InputError(f"input {input_uri} is a file that is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
-                                 f"nor a manifest of image URIs ({', '.join(MANIFEST_EXTENSIONS)})")
+                images, manifests = ", ".join(sorted(IMAGE_EXTENSIONS)), ", ".join(MANIFEST_EXTENSIONS)
+                raise InputError(f"input {input_uri} is a file that is neither an image ({images}) nor a "
+                                 f"manifest of image URIs ({manifests})")
             raise InputError(f"no images found: input {input_uri} does not exist or is an empty prefix")
         yield from _list_folder(fs, root, protocol, _inside(output, storage, fs, root) if output else None)
     except (InputError, UnsupportedURL):

@@ -182,7 +182,8 @@ class Predictor:
         except RuntimeError as exc:
             return INFER, type(exc).__name__, str(exc)[:500]
 
-    def _infer_or_fail(self, images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[ImageResult | tuple[str, str]]:
+    def _infer_or_fail(self, images: list[torch.Tensor],
+                       sizes: list[tuple[int, int]]) -> list[ImageResult | tuple[str, str]]:
         """`_segment`, with (error type, message) in place of the result of an image that fails.
 
         One image can fail its whole batch (out of memory on a huge one): the batch is then
