@@ -157,13 +157,14 @@ def write_instances_json(store: OutputStore, categories: Sequence[Category]) -> 
     _write_dataset(store, INSTANCES_JSON, DatasetTotals(), annotations(), things)
 
 
-def _last_build(store: OutputStore) -> dict | None:
-    """What coco/ was last built from, if known. A cache: damaged, it is as if absent."""
+def _last_build(store: OutputStore) -> tuple[str, list[str], DatasetTotals] | None:
+    """What coco/ was last built from (the parts' digest, the files built) and the totals then, if
+    known. A cache: damaged, it is as if absent."""
     try:
         built = json.loads(store.read_bytes(BUILT_FROM))
-    except (FileNotFoundError, ValueError):
+        return built["source"], built["outputs"], DatasetTotals.from_json(built["totals"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return built if isinstance(built, dict) and {"source", "outputs", "totals"} <= built.keys() else None
 
 
 def rebuild(store: OutputStore, categories: Sequence[Category], instances: bool) -> DatasetTotals:
@@ -174,8 +175,8 @@ def rebuild(store: OutputStore, categories: Sequence[Category], instances: bool)
     source = hashlib.sha256(json.dumps(store.versions(IMAGES_DIR, PART_SUFFIX)).encode()).hexdigest()
     outputs = [PANOPTIC_JSON, *([INSTANCES_JSON] if instances else [])]
     built = _last_build(store)
-    if built and built["source"] == source and built["outputs"] == outputs and all(map(store.exists, outputs)):
-        return DatasetTotals.from_json(built["totals"])
+    if built and built[:2] == (source, outputs) and all(map(store.exists, outputs)):
+        return built[2]
     totals = write_panoptic_json(store, categories)
     if instances:
         write_instances_json(store, categories)

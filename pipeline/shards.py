@@ -76,7 +76,8 @@ def panoptic_png_path(key: str) -> str:
 
 def _parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer, compression="zstd")
+    # a CRC per page: a part damaged after its commit is refused when read, not read as other keys
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer, compression="zstd", write_page_checksum=True)
     return buffer.getvalue()
 
 
@@ -226,7 +227,8 @@ def _read(store: OutputStore, parts: Sequence[str], read: Callable[[io.BytesIO],
     for part, data in zip(parts, _fetch(store, parts)):
         try:
             yield read(io.BytesIO(data))
-        except (pa.ArrowException, OSError) as exc:  # OSError: damaged data pages (the bytes are in memory)
+        # OSError: damaged data pages (the bytes are in memory); UnicodeDecodeError: a damaged footer
+        except (pa.ArrowException, OSError, ValueError) as exc:
             reason = " ".join(str(exc).split())  # Arrow's messages span lines; the job's error is one
             raise DamagedOutput(f"{store.url(part)} cannot be read ({type(exc).__name__}: {reason}): it was damaged "
                                 "after it was committed. Delete it, and the next run processes its shard's "
@@ -257,7 +259,8 @@ def forget_failures(store: OutputStore) -> int:
 
 def iter_committed(store: OutputStore, directory: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
     """Each committed part of `directory` (IMAGES_DIR or ERRORS_DIR) as a table."""
-    yield from _read(store, _committed(store, directory), lambda data: pq.read_table(data, columns=columns))
+    yield from _read(store, _committed(store, directory),
+                     lambda data: pq.read_table(data, columns=columns, page_checksum_verification=True))
 
 
 def committed_count(store: OutputStore) -> int:

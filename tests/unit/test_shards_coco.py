@@ -101,8 +101,10 @@ def test_damaged_outputs_files_a_rerun_reads(tmp_path):
     store = OutputStore(str(tmp_path))
     write_shard(_batch(["a.jpg"]), ShardOutput(store, CATEGORIES, "r", "m"))
     rebuild(store, CATEGORIES, instances=False)
-    (tmp_path / "_state/coco.json").write_text('{"source": "ab')  # cut off
-    assert rebuild(store, CATEGORIES, instances=False).images == 1
+    built = (tmp_path / "_state/coco.json").read_text()
+    for damaged in ('{"source": "ab', built.replace('"images_by_run"', '"images_cy_run"')):  # cut off, a bit flipped
+        (tmp_path / "_state/coco.json").write_text(damaged)
+        assert rebuild(store, CATEGORIES, instances=False).images == 1
     (part,) = (tmp_path / "tables/images").iterdir()
     data = part.read_bytes()
     part.write_bytes(data[:8] + bytes(52) + data[60:])  # its data pages: Arrow raises a plain OSError
