@@ -26,7 +26,7 @@ from ray.exceptions import RayError  # noqa: E402
 from pipeline.config import PostprocessConfig, canonical_tasks  # noqa: E402
 from pipeline.labels import LabelMapError  # noqa: E402
 from pipeline.lease import OutputBusy  # noqa: E402
-from pipeline.listing import InputError  # noqa: E402
+from pipeline.listing import MANIFEST_EXTENSIONS as MANIFESTS, InputError  # noqa: E402
 from pipeline.local_paths import NotOnEveryNode  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
 from pipeline.state import NotAnOutput, SettingsMismatch  # noqa: E402
@@ -131,8 +131,8 @@ def _endpoint(text: str) -> str:
     """botocore takes only a URL with its scheme: `127.0.0.1:9000` fails deep in the first request."""
     try:
         parts = urlsplit(text)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # an IPv6 address without its closing bracket
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is no number from 0 to 65535; an IPv6 address without its closing bracket
         valid = False
     if not valid:
         raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL with a host, e.g. "
@@ -206,10 +206,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _endpoint_variable(args: argparse.Namespace) -> str | None:
-    """The environment variable botocore takes the S3 endpoint from, when this run reaches S3 and
-    --endpoint-url does not name one; checked as the flag is."""
-    urls = (args.input, args.output, args.model, args.label_map)
-    if args.endpoint_url or not any(str(url).startswith(("s3://", "s3a://")) for url in urls if url):
+    """The environment variable botocore takes the S3 endpoint from, when this run may reach S3 (an
+    s3:// URL, or a manifest, whose entries may be) and --endpoint-url does not name one; checked as
+    the flag is."""
+    urls = [str(url) for url in (args.input, args.output, args.model, args.label_map) if url]
+    reaches_s3 = any(url.startswith(("s3://", "s3a://")) for url in urls) or args.input.lower().endswith(MANIFESTS)
+    if args.endpoint_url or not reaches_s3:
         return None
     if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
         return None

@@ -42,7 +42,8 @@ def test_label_ids_to_fuse_refuses_other_words(capsys):
     assert stopped.value.code == 2 and "ids and/or the word stuff" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["127.0.0.1:9000", "minio:9000", "http://", "ftp://host", "http://[::1"])
+@pytest.mark.parametrize("value", ["127.0.0.1:9000", "minio:9000", "http://", "ftp://host", "http://[::1",
+                                   "http://127.0.0.1:abc", "http://127.0.0.1:99999"])
 def test_an_endpoint_without_scheme_or_host_is_refused_at_parse_time(value, capsys, monkeypatch):
     """botocore fails such an endpoint with a ValueError deep in the first request to the output."""
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
@@ -55,4 +56,6 @@ def test_an_endpoint_without_scheme_or_host_is_refused_at_parse_time(value, caps
         job.parse_args(["--input", "in", "--output", "s3://b/out"])
     assert stopped.value.code == 2 and "$AWS_ENDPOINT_URL: expected" in capsys.readouterr().err
     assert not job.parse_args(["--input", "in", "--output", "out"]).endpoint_url  # no s3:// URL: botocore unused
+    with pytest.raises(SystemExit):  # a manifest's entries may be s3:// URLs
+        job.parse_args(["--input", "list.txt", "--output", "out"])
     assert job.parse_args(["--input", "in", "--output", "s3://b/o", "--endpoint-url", "http://[::1]:8333"]).endpoint_url
