@@ -107,6 +107,11 @@ def test_damaged_outputs_files_a_rerun_reads(tmp_path):
         assert rebuild(store, CATEGORIES, instances=False).images == 1
     (part,) = (tmp_path / "tables/images").iterdir()
     data = part.read_bytes()
+    flipped = bytearray(data)
+    flipped[33] ^= 1  # one bit of the keys' page: without the pages' CRCs, read as another key
+    part.write_bytes(bytes(flipped))
+    with pytest.raises(DamagedOutput, match=f"{part} cannot be read"):
+        committed_keys(store)
     part.write_bytes(data[:8] + bytes(52) + data[60:])  # its data pages: Arrow raises a plain OSError
     with pytest.raises(DamagedOutput, match=f"{part} cannot be read .*Delete it, and the next run processes"):
         committed_keys(store)
