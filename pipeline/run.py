@@ -409,8 +409,8 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
     record = {"run_id": run_id, "started": started_at, "input": config.input,
               "execution": asdict(config.execution), **settings}
     results = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
-    # interrupted anywhere until the run's record is written (the rebuild of a large output takes
-    # minutes), the history keeps the run; its committed shards stay for a rerun
+    # interrupted or failed anywhere until the run's record is written (the rebuild of a large output
+    # takes minutes), the history keeps the run; its committed shards stay for a rerun
     try:
         try:
             finished = _drive(results, counts, progress, config.max_error_ratio, still_held)
@@ -438,6 +438,14 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
         record_run(store, record | {"finished": _utc(), "counts": report["run"]})
     except KeyboardInterrupt:
         record_run(store, record | {"interrupted": _utc(), "counts": _committed_since(store, before)})
+        raise
+    except OutputBusy:  # recorded as a lost lease
+        raise
+    # a failed run (a model the actors cannot load, storage gone) is kept too; its error's type only,
+    # as the job prints the message (and a message may quote what the record must not hold)
+    except Exception as exc:
+        record_run(store, record | {"failed": _utc(), "error_type": type(exc).__name__,
+                                    "counts": _committed_since(store, before)})
         raise
     if not finished:
         raise TooManyErrors(

@@ -4,7 +4,7 @@ _state/settings.json       the fingerprint of what changes results: model weight
                            post-processing parameters, dtype; and the input's root, which keys
                            are relative to. A run with other settings on the same output is
                            refused unless the user asks to overwrite.
-_state/runs/<run_id>.json  one record per run: start, end, input, settings, counts.
+_state/runs/<run_id>.json  one record per run: start, end (how it ended), input, settings, counts.
 (Also under _state/: lease.json, see lease.py; coco.json, see coco.py.)
 """
 

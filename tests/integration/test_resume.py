@@ -125,21 +125,26 @@ def test_grown_input_processes_only_new_images(ray_runtime, tmp_path):
     assert not [w for w in warned if "concurrent actors" in str(w.message)]
 
 
-def test_a_run_interrupted_while_it_rebuilds_coco_is_kept_in_the_history(ray_runtime, tmp_path, image_dir, monkeypatch):
-    """The rebuild of a large output takes minutes: a SIGTERM then must not lose the run's record."""
+@pytest.mark.parametrize("error, ending", [("Terminated", "interrupted"), ("OSError", "failed")])
+def test_a_run_stopped_while_it_rebuilds_coco_is_kept_in_the_history(ray_runtime, tmp_path, image_dir, monkeypatch,
+                                                                      error, ending):
+    """The rebuild of a large output takes minutes: a SIGTERM or a failure then must not lose the run's record."""
     import pipeline.run
     from pipeline.run import Terminated
 
-    def terminated(*args, **kwargs):
-        raise Terminated
+    raised = {"Terminated": Terminated, "OSError": OSError}[error]
+
+    def stopped(*args, **kwargs):
+        raise raised
 
     output = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline.run, "rebuild", terminated)
-        with pytest.raises(Terminated):
+        patch.setattr(pipeline.run, "rebuild", stopped)
+        with pytest.raises(raised):
             run(RunConfig(input=str(image_dir), output=str(output)), progress=lambda _: None)
     [record] = [json.loads(p.read_text()) for p in (output / "_state" / "runs").glob("*.json")]
-    assert record["interrupted"] and "finished" not in record
+    assert record[ending] and "finished" not in record
+    assert record.get("error_type") == (error if ending == "failed" else None)
     images = len(list(image_dir.rglob("img_*")))
     assert record["counts"]["ok"] + record["counts"]["failed"] == images > 0
     assert run(RunConfig(input=str(image_dir), output=str(output)), progress=lambda _: None)["dataset"]["images"] == images
