@@ -177,10 +177,14 @@ def load_model_and_processor(directory: Path, device: str) -> tuple[Any, Any]:
     try:
         return load_model(directory, device), load_processor(directory)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        # transformers points to a load report it logs, which the job silences (TRANSFORMERS_VERBOSITY)
-        first_line = first_line.split(" For details look at")[0]
-        raise ModelError(f"model in {directory} cannot be loaded: {type(exc).__name__}: {first_line}") from exc
+        raise ModelError(f"model in {directory} cannot be loaded: {why(exc)}") from exc
+
+
+def why(exc: BaseException) -> str:
+    """An error of transformers or torch as `Type: the first line of its message`, for a ModelError's one line."""
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    # transformers points to a load report it logs, which the job silences (TRANSFORMERS_VERBOSITY)
+    return f"{type(exc).__name__}: {first_line.split(' For details look at')[0]}"
 
 
 def load_model(directory: Path, device: str) -> Any:

@@ -21,7 +21,7 @@ from pipeline.config import DTYPES as DTYPE_NAMES, InferenceConfig, resolved_dty
 from pipeline.encode import smallest_id_dtype
 from pipeline.failures import INFER, PREPROCESS
 from pipeline.memory import release_free_memory, reuse_freed_memory
-from pipeline.model import ModelError, ModelSource, load_model_and_processor, local_dir
+from pipeline.model import ModelError, ModelSource, load_model_and_processor, local_dir, why
 from pipeline.postprocess import MASK2FORMER_LOGITS_SIZE, panoptic_segmentation, semantic_segmentation
 from pipeline.postprocess_instance import instance_segmentation
 from pipeline.preprocess import resize_for_model
@@ -125,9 +125,7 @@ class Predictor:
         try:
             self._model_outputs([resize_for_model(image, self.processor, self.device) for image in images])
         except Exception as exc:  # whatever it is, it would fail every image
-            first_line = (str(exc).strip().splitlines() or [""])[0]
-            raise ModelError(f"model in {directory} cannot segment a test image: {type(exc).__name__}: "
-                             f"{first_line}") from exc
+            raise ModelError(f"model in {directory} cannot segment a test image: {why(exc)}") from exc
 
     def infer(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[ImageResult]:
         """Decoded (H, W, 3) uint8 images + their (H, W) sizes -> one result per image.

@@ -24,6 +24,7 @@ class DamagedOutput(ValueError):
     """A file the pipeline wrote under the output cannot be read back: it was damaged or replaced
     after it was written (the writes are atomic). The message names it and says what to do."""
 
+
 @dataclass(frozen=True)
 class OutputStore:
     """Files under one output root (a local path or an fsspec URL)."""
