@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from pipeline.remote import StorageConfig, UnsupportedURL, file_system
+from pipeline.remote import StorageConfig, UnsupportedURL, file_system, first_protocol
 from pipeline.state import SETTINGS, STATE_DIR
 
 IMAGE_EXTENSIONS = frozenset(
@@ -36,6 +36,7 @@ class InputError(ValueError):
 # Longest key segment, in UTF-8 bytes: outputs append up to 41 bytes to it (".png" and a local
 # write's ".<32 hex>.tmp"), and most file systems refuse names over 255 bytes.
 MAX_SEGMENT_BYTES = 200
+S3_VERSION_QUERY = "?versionId="  # where s3fs cuts every S3 path it is given (`S3FileSystem.split_path`)
 
 
 def safe_key(relative: str) -> str:
@@ -43,12 +44,14 @@ def safe_key(relative: str) -> str:
 
     Path segments stay segments (sub-folders are kept); '.', '..' and empty segments, backslashes,
     '%' and unprintable characters are percent-encoded (their bytes: one name, one key; a local
-    name that is not UTF-8 keeps its raw bytes), so no key is absolute or climbs out. A segment
+    name that is not UTF-8 keeps its raw bytes), so no key is absolute or climbs out. So is the '?'
+    of "?versionId=": s3fs reads the rest of any S3 path from there on as an object version, so
+    outputs named after such a key would all be written to the object named by what precedes it. A segment
     longer than MAX_SEGMENT_BYTES keeps its start and extension around a hash of the whole: an
     output named after it could not be written.
     """
     def segment(part: str) -> str:
-        part = part.replace("%", "%25").replace("\\", "%5C")
+        part = part.replace("%", "%25").replace("\\", "%5C").replace(S3_VERSION_QUERY, "%3F" + S3_VERSION_QUERY[1:])
         part = "".join(c if c.isprintable() else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogateescape"))
                        for c in part)
         part = {"": "%00", ".": "%2E", "..": "%2E%2E"}.get(part, part)
@@ -163,7 +166,7 @@ def _manifest_uris(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
             raise InputError(f"manifest {path}: column {column!r} holds {held}, not URIs (name the column of URIs 'uri')")
         yield from (u for u in table.column(column).to_pylist() if u)
         return
-    with fs.open(path, "rt") as f:
+    with fs.open(path, "rt", encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first entry
         text = f.read()
     if kind.endswith(".csv"):
         rows = [r for r in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in r)]
@@ -174,7 +177,7 @@ def _manifest_uris(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
         header = bool(rows) and ("uri" in rows[0] or not (_is_image(first) or "://" in first or first.startswith("/")))
         yield from (r[column].strip() for r in rows[header:] if len(r) > column and r[column].strip())
     else:
-        yield from (line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+        yield from (line.strip() for line in text.splitlines() if line.strip())
 
 
 def _manifest_key(uri: str) -> str:
@@ -203,18 +206,14 @@ def _inside(output: str, storage: StorageConfig, fs: fsspec.AbstractFileSystem, 
     """The output's path plus "/" when the output lies inside the input folder `root` of `fs`
     (local paths resolved: `in/./out` and a link to `in/out` are `in/out`)."""
     out_fs, out_root = file_system(output, storage, write=True)
-    if _protocol(out_fs) != _protocol(fs):
+    if first_protocol(out_fs) != first_protocol(fs):
         return None
-    if _protocol(fs) in LOCAL_PROTOCOLS:
+    if first_protocol(fs) in LOCAL_PROTOCOLS:
         out_root, root = os.path.realpath(out_root), os.path.realpath(root)
     prefix, folder = out_root.rstrip("/") + "/", root.rstrip("/") + "/"
     if prefix == folder:
         raise InputError(f"--output {output} is the input folder itself: write the outputs to another folder")
     return prefix if prefix.startswith(folder) else None
-
-
-def _protocol(fs: fsspec.AbstractFileSystem) -> str:
-    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
 
 
 def _kind(fs: fsspec.AbstractFileSystem, root: str) -> str:
@@ -229,7 +228,7 @@ def keys_root(input_uri: str, storage: StorageConfig = StorageConfig()) -> str:
     or "manifest" (a manifest's keys are its URIs). The same key under another root is another
     image, so an output records its root and refuses another one."""
     fs, root = file_system(input_uri, storage)
-    kind, protocol = _kind(fs, root), _protocol(fs)
+    kind, protocol = _kind(fs, root), first_protocol(fs)
     if kind == "manifest":
         return "manifest"
     folder = root.rsplit("/", 1)[0] if kind == "image" else root
@@ -242,7 +241,7 @@ def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig(),
     nothing under `output` (a run's own outputs, when written inside its input, are no input)."""
     try:
         fs, root = file_system(input_uri, storage)
-        protocol = _protocol(fs)
+        protocol = first_protocol(fs)
         kind = _kind(fs, root)
         if kind == "manifest":
             folder = root.rsplit("/", 1)[0]

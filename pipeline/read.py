@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from pipeline.failures import READ, as_failure
-from pipeline.remote import StorageConfig, file_system
+from pipeline.failures import READ, ImageFailure, as_failure
+from pipeline.listing import S3_VERSION_QUERY
+from pipeline.remote import StorageConfig, file_system, first_protocol
 
 
 def read_bytes(uri: str, storage: StorageConfig) -> bytes:
     try:
         fs, path = file_system(uri, storage)
+        if S3_VERSION_QUERY in path and first_protocol(fs) in ("s3", "s3a"):
+            # s3fs would read another object (the name cut there) or the latest version
+            raise ImageFailure(READ, "UnsupportedName", f"s3fs takes what follows {S3_VERSION_QUERY!r} in an S3 "
+                               "path for an object version, and versions are not supported: rename an object "
+                               "whose name holds it, or list a versioned object without it")
         return fs.cat_file(path)
     except Exception as exc:  # missing, denied, network: recorded as this image's error row
         raise as_failure(READ, exc) from exc

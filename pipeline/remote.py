@@ -49,6 +49,11 @@ def file_system(url: str, storage: StorageConfig, write: bool = False) -> tuple[
     return fs, fs._strip_protocol(url)
 
 
+def first_protocol(fs: AbstractFileSystem) -> str:
+    """The file system's protocol, its first name where it has several (s3fs: "s3", "s3a")."""
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
 _SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 _DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken")
 

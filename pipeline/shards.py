@@ -132,6 +132,8 @@ def _name_problem(exc: OSError) -> str | None:
         return "another input's output has this name, as a file where a folder is needed or the reverse"
     if exc.errno == errno.ENAMETOOLONG:
         return "the output's path is too long for this file system"
+    if exc.errno in (errno.EINVAL, errno.EILSEQ):  # exFAT, FAT and SMB shares refuse ? * : " < > | in names
+        return "this file system refuses a character of the output's name"
     return None
 
 

@@ -39,10 +39,14 @@ def s3_runs(s3_server, tmp_path_factory):
         fs.put(str(SAMPLES / name), f"pictures/in/{name}")
     for path in BUNDLED_DIR.iterdir():
         fs.put(str(path), f"models/bundled/{path.name}")
-    fs.pipe("pictures/manifest.txt", "\n".join(f"s3://pictures/in/{n}" for n in NAMES[:3]).encode())
-    local_in = tmp_path_factory.mktemp("local_in")
+    local_in, versioned = tmp_path_factory.mktemp("local_in"), tmp_path_factory.mktemp("versioned")
     for name in NAMES:
         (local_in / name).write_bytes((SAMPLES / name).read_bytes())
+    for i, name in enumerate(NAMES[:2]):  # s3fs cuts S3 paths at "?versionId="
+        (versioned / f"x?versionId={i}.jpg").write_bytes((SAMPLES / name).read_bytes())
+    fs.pipe("pictures/manifest.txt", "\n".join([*(f"s3://pictures/in/{n}" for n in NAMES[:3]),
+                                                *sorted(str(p) for p in versioned.iterdir()),
+                                                f"s3://pictures/in/{NAMES[0]}?versionId=1"]).encode())
     local_out, cache = tmp_path_factory.mktemp("local_out"), tmp_path_factory.mktemp("model_cache")
     env = s3_server.env() | {"PANOPTIC_MODEL_CACHE": str(cache)}
     s3_log = run_job(["--input", "s3://pictures/in", "--output", "s3://results/run1",
@@ -80,8 +84,17 @@ def test_s3_checkpoint_is_copied_once_into_the_local_cache(s3_runs):
 
 def test_manifest_on_s3(s3_runs):
     fs = s3_runs[0]
-    keys = sorted(r["key"] for p in fs.find("results/manifest/tables/images") for r in _table(fs.cat(p)))
-    assert keys == sorted(f"pictures/in/{n}" for n in NAMES[:3])
+    rows = [r for p in fs.find("results/manifest/tables/images") for r in _table(fs.cat(p))]
+    assert sorted(r["key"] for r in rows if r["uri"].startswith("s3://")) == sorted(f"pictures/in/{n}" for n in NAMES[:3])
+    # a local name holding "?versionId=" is its own image with its own outputs on an S3 output
+    versioned = sorted((r for r in rows if "versionId" in r["key"]), key=lambda r: r["key"])
+    assert [r["key"].rsplit("/", 1)[1] for r in versioned] == ["x%3FversionId=0.jpg", "x%3FversionId=1.jpg"]
+    for row, name in zip(versioned, NAMES[:2]):
+        assert fs.cat(f"results/manifest/{row['panoptic_png']}") == fs.cat(f"results/run1/panoptic/{name}.png")
+    # an S3 path holding it is an error row: s3fs would read another object
+    (error,) = [r for p in fs.find("results/manifest/tables/errors") for r in _table(fs.cat(p))]
+    assert (error["key"], error["stage"], error["error_type"]) == (
+        f"pictures/in/{NAMES[0]}%3FversionId=1", "read", "UnsupportedName")
 
 
 def test_no_secret_in_logs_or_outputs(s3_runs):

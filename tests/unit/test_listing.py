@@ -18,6 +18,8 @@ from pipeline.listing import InputError, iter_inputs, safe_key
         ("x/./y.png", "x/%2E/y.png"),
         ("name with spaces é.jpg", "name with spaces é.jpg"),
         ("tab\there.jpg", "tab%09here.jpg"),
+        ("x?versionId=1.jpg", "x%3FversionId=1.jpg"),  # s3fs cuts S3 paths there
+        ("img?id=1", "img?id=1"),
     ],
 )
 def test_safe_key_never_climbs_out(relative, expected):
@@ -37,13 +39,21 @@ def test_folder_listing_keeps_subfolders_and_skips_non_images(image_dir):
 
 def test_manifests(tmp_path, image_dir):
     uris = [str(p) for p in sorted(image_dir.glob("*.jpg"))]
-    (tmp_path / "list.txt").write_text("# images\n" + "\n".join(uris) + "\n")
+    (tmp_path / "list.txt").write_text("\n".join(uris) + "\n")
     (tmp_path / "list.csv").write_text("uri,label\n" + "\n".join(f"{u},x" for u in uris) + "\n")
     pq.write_table(pa.table({"uri": uris}), tmp_path / "list.parquet")
     for name in ("list.txt", "list.csv", "list.parquet"):
         pairs = list(iter_inputs(str(tmp_path / name)))
         assert [u for _, u in pairs] == uris, name
         assert all(not k.startswith("/") for k, _ in pairs)
+
+
+def test_txt_and_csv_manifests_read_past_a_byte_order_mark_and_a_leading_hash_is_a_name(tmp_path, image_dir):
+    (tmp_path / "#1.jpg").write_bytes((image_dir / "img_0.jpg").read_bytes())  # relative entries: a comment?
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbf#1.jpg\n" + f"{image_dir}/img_1.jpg\n".encode())
+    (tmp_path / "list.csv").write_bytes(b"\xef\xbb\xbfuri\n#1.jpg\n")
+    assert [uri for _, uri in iter_inputs(str(tmp_path / "list.txt"))] == [f"{tmp_path}/#1.jpg", f"{image_dir}/img_1.jpg"]
+    assert [uri for _, uri in iter_inputs(str(tmp_path / "list.csv"))] == [f"{tmp_path}/#1.jpg"]
 
 
 def test_a_missing_input_or_a_file_that_is_no_input_is_a_clear_error(tmp_path):

@@ -1,3 +1,4 @@
+import errno
 import json
 
 import numpy as np
@@ -205,6 +206,24 @@ def test_an_image_whose_output_name_is_taken_fails_alone_at_writing(tmp_path):
     assert committed_keys(store) == {"a.jpg", "a.jpg.png/b.jpg", "c.jpg", "x.jpg.png/y.jpg", "x.jpg"}
     assert sorted(r["key"] for r in pq.read_table(tmp_path / "tables/images").to_pylist()) == [
         "a.jpg", "c.jpg", "x.jpg.png/y.jpg"]
+
+
+def test_an_image_whose_output_name_the_file_system_refuses_fails_alone(tmp_path, monkeypatch):
+    """exFAT, FAT and SMB refuse `?` or `:` in names with EINVAL (simulated: this machine mounts none of them)."""
+    store = OutputStore(str(tmp_path))
+    write = OutputStore.write_bytes
+
+    def refusing(self, path, data):
+        if ":" in path:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return write(self, path, data)
+
+    monkeypatch.setattr(OutputStore, "write_bytes", refusing)
+    status = write_shard(_batch(["a:b.jpg", "c.jpg"]), ShardOutput(store, CATEGORIES, "run1", "m"))
+    assert status["ok"].tolist() == [False, True]
+    (error,) = pq.read_table(tmp_path / "tables/errors").to_pylist()
+    assert (error["key"], error["stage"], error["error_type"]) == ("a:b.jpg", "write", "OSError")
+    assert error["message"].startswith("this file system refuses a character of the output's name")
 
 
 def test_a_preview_whose_name_is_taken_is_skipped_and_the_image_stands(tmp_path):
