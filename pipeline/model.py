@@ -176,6 +176,8 @@ def load_model_and_processor(directory: Path, device: str) -> tuple[Any, Any]:
     fit the config, a processor config transformers cannot read."""
     try:
         return load_model(directory, device), load_processor(directory)
+    except ModelError as exc:
+        raise ModelError(f"model in {directory} cannot be loaded: {exc}") from exc
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"model in {directory} cannot be loaded: {why(exc)}") from exc
 
@@ -192,10 +194,29 @@ def load_model(directory: Path, device: str) -> Any:
     from transformers import AutoModelForUniversalSegmentation
 
     model_type, _ = _checked_config(directory)  # a clear error for an unsupported model type
-    model = AutoModelForUniversalSegmentation.from_pretrained(
+    model, loading = AutoModelForUniversalSegmentation.from_pretrained(
         directory, use_safetensors=True, trust_remote_code=False,
         # transformers 5 runs inference with one setting of this training option only: MaskFormer's
         # forward fails with it on, Mask2Former's with it off (its hub checkpoints ship those)
         use_auxiliary_loss=model_type == "mask2former",
+        # both reported below, by name: transformers fills a missing or misfit tensor with random
+        # values and only logs it (or raises naming none), and its log is silenced in the job
+        ignore_mismatched_sizes=True, output_loading_info=True,
     )
+    _check_loaded(model, loading)
     return model.to(device).eval()
+
+
+def _check_loaded(model: Any, loading: dict) -> None:
+    """Refuse weights that do not fit the config: a parameter of the model that the files lack,
+    or one whose shape differs. Buffers the model computes from its config (the loss's class
+    weights) may be absent."""
+    parameters = dict(model.named_parameters())
+    missing = sorted(name for name in loading["missing_keys"] if name in parameters)
+    misfit = sorted(f"{name} {tuple(saved)} where the config makes {tuple(made)}"
+                    for name, saved, made in loading["mismatched_keys"] if name in parameters)
+    problems = ([f"{len(misfit)} tensors differ in shape, e.g. {misfit[0]}"] if misfit else []) + (
+        [f"{len(missing)} of the model's tensors are missing (they would be random), e.g. {', '.join(missing[:2])}"]
+        if missing else [])
+    if problems:
+        raise ModelError(f"its weights do not fit its config: {'; '.join(problems)}")

@@ -2,6 +2,7 @@ import json
 import shutil
 
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from pipeline.labels import LabelMapError, load_categories
 from pipeline.model import ModelError, ModelSource, load_model, local_dir, model_labels
@@ -136,5 +137,14 @@ def test_a_checkpoint_the_actors_could_not_load_is_a_model_error(untrained_model
     mismatched = tmp_path / "mismatched"  # another architecture's config beside the bundled weights
     shutil.copytree(untrained_model, mismatched)
     shutil.copy(BUNDLED_DIR / "model.safetensors", mismatched / "model.safetensors")
-    with pytest.raises(ModelError, match=r"cannot be loaded: RuntimeError: .*mismatched"):
+    with pytest.raises(ModelError, match=r"cannot be loaded: its weights do not fit its config: \d+ tensors differ"):
         load_model_and_processor(local_dir(ModelSource(str(mismatched))), "cpu")
+
+    headless = tmp_path / "headless"  # transformers would fill the class head with random values
+    shutil.copytree(BUNDLED_DIR, headless)
+    tensors = load_file(headless / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("class_predictor.")},
+              headless / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"its weights do not fit its config: 2 of the model's tensors are missing "
+                                         r"\(they would be random\), e.g. class_predictor.bias, class_predictor.weight$"):
+        load_model_and_processor(local_dir(ModelSource(str(headless))), "cpu")
