@@ -82,9 +82,17 @@ def _fallback(id2label: Mapping[int, str]) -> list[Category]:
 
 def _check(categories: list[Category], id2label: Mapping[int, str], source: str) -> tuple[Category, ...]:
     by_label = {c.label_id: c for c in categories}
-    missing = sorted(set(id2label) - set(by_label))
+    missing, extra = sorted(set(id2label) - set(by_label)), sorted(set(by_label) - set(id2label))
     if missing:
         raise LabelMapError(f"label map {source} has no entry for model label ids {missing[:10]}")
+    if extra:  # most likely a map made for another model
+        raise LabelMapError(f"label map {source} has entries for label ids {extra[:10]} that the model does not have "
+                            f"(its label ids: {min(id2label)} to {max(id2label)})")
+    renamed = [f"{i}: {id2label[i]!r} -> {by_label[i].name!r}" for i in sorted(id2label)
+               if by_label[i].name != id2label[i] and id2label[i] != f"LABEL_{i}"]  # transformers' unnamed classes
+    if renamed:
+        log.warning("label map %s names %d of the model's classes otherwise (%s%s): is it this model's map?",
+                    source, len(renamed), ", ".join(renamed[:3]), ", ..." if len(renamed) > 3 else "")
     return _unique([by_label[i] for i in sorted(id2label)], f"label map {source}")
 
 

@@ -5,7 +5,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from pipeline.labels import LabelMapError, load_categories
-from pipeline.model import ModelError, ModelSource, load_model, local_dir, model_labels
+from pipeline.model import BUNDLED_DIR, ModelError, ModelSource, load_model, local_dir, model_labels
 
 
 def test_checkpoint_label_map_is_used(untrained_model):
@@ -43,11 +43,22 @@ def test_category_names_are_unique(tmp_path):
         load_categories({0: "person", 1: "person"}, tmp_path)
 
 
-def test_user_label_map_must_cover_every_label(tmp_path):
+def test_user_label_map_must_cover_every_label_and_no_other(tmp_path, caplog):
     path = tmp_path / "map.json"
     path.write_text(json.dumps({"categories": [{"label_id": 0, "id": 7, "name": "a", "isthing": 1}]}))
-    with pytest.raises(LabelMapError, match=r"\[1\]"):
+    with pytest.raises(LabelMapError, match=r"no entry for model label ids \[1\]"):
         load_categories({0: "a", 1: "b"}, tmp_path, str(path))
+    # another model's map (the COCO one beside a 5-class model) names the classes wrongly
+    coco = str(BUNDLED_DIR.parent / "coco_panoptic_label_map.json")
+    with pytest.raises(LabelMapError, match=r"entries for label ids \[5, 6, .*\] that the model does not have "
+                                            r"\(its label ids: 0 to 4\)"):
+        load_categories(model_labels(BUNDLED_DIR), BUNDLED_DIR, coco)
+    # names that differ from the model's are allowed (a map may rename classes), and warned about
+    (category,) = load_categories({0: "b"}, tmp_path, str(path))
+    assert category.name == "a" and "names 1 of the model's classes otherwise (0: 'b' -> 'a')" in caplog.text
+    caplog.clear()
+    load_categories({0: "LABEL_0"}, tmp_path, str(path))  # transformers' name for an unnamed class
+    assert not caplog.text
 
 
 GOOD_ENTRY = {"label_id": 0, "id": 7, "name": "a", "isthing": 1, "color": [1, 2, 3], "supercategory": "s"}
