@@ -163,6 +163,9 @@ def _checked_config(directory: Path) -> tuple[str, dict[int, str]]:
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ModelError(f"model type {config.get('model_type')!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if sorted(labels) != list(range(len(labels))):  # the class head's outputs are label ids 0 to N-1
+        raise ModelError(f"{path}: id2label's label ids must be 0 to {len(labels) - 1}, one per class the model "
+                         f"predicts; they are {sorted(labels)[:10]}{' ...' if len(labels) > 10 else ''}")
     return config["model_type"], labels
 
 

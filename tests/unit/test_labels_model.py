@@ -92,7 +92,9 @@ def test_label_map_repeats_and_non_utf8_text_are_refused_and_a_good_map_is_read(
 
 @pytest.mark.parametrize("config, error", [({"model_type": "bert", "id2label": {"0": "a"}}, "'bert' is not supported"),
                                            ({"model_type": "maskformer"}, "KeyError"),
-                                           ("{not json", "JSONDecodeError"), ([1, 2], "TypeError")])
+                                           ("{not json", "JSONDecodeError"), ([1, 2], "TypeError"),
+                                           ({"model_type": "maskformer", "id2label": {"1": "a", "2": "b"}},
+                                            r"label ids must be 0 to 1, one per class the model predicts; they are \[1, 2\]")])
 def test_unusable_model_configs_are_clear_errors(tmp_path, config, error):
     (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
     with pytest.raises(ModelError, match=error):
