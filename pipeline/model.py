@@ -57,11 +57,13 @@ def _copy_remote_dir(uri: str, storage: StorageConfig) -> Path:
     fs, root = file_system(uri, storage)
     fs.invalidate_cache(root)  # fsspec keeps listings per file-system instance: this one is current
     try:
-        files = [f for f in fs.ls(root, detail=True) if f["name"].endswith((".json", ".safetensors", ".bin"))]
+        # files only: a sub-folder named like one (`backup.safetensors/`) is no file to copy
+        entries = [f for f in fs.ls(root, detail=True) if f.get("type") == "file"]
     except FileNotFoundError as exc:
         raise ModelError(f"model directory {uri} does not exist") from exc
-    if not files:
-        raise ModelError(f"model directory {uri} holds no checkpoint files")
+    files = [f for f in entries if f["name"].endswith((".json", ".safetensors"))]
+    if not any(f["name"].endswith(".safetensors") for f in files):  # refused before anything is copied
+        raise _no_safetensors(uri, pickled=any(f["name"].endswith(".bin") for f in entries))
     # keyed by the files' names, sizes and ETags too: new weights uploaded to the same URI are
     # copied again, not served stale from the cache
     version = sorted(file_version(f) for f in files)
@@ -81,6 +83,11 @@ def _copy_remote_dir(uri: str, storage: StorageConfig) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _no_safetensors(uri: str, pickled: bool) -> ModelError:
+    return ModelError(f"model {uri!r} has no safetensors weights"
+                      + (" (only pickle .bin files, which are refused: convert them to safetensors)" if pickled else ""))
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -110,11 +117,7 @@ def local_dir(source: ModelSource) -> Path:
     if not (directory / "config.json").is_file():
         raise ModelError(f"model {source.uri!r} has no config.json")
     if not any(directory.glob("*.safetensors")):
-        pickled = any(directory.glob("*.bin"))
-        raise ModelError(
-            f"model {source.uri!r} has no safetensors weights"
-            + (" (only pickle .bin files, which are refused: convert them to safetensors)" if pickled else "")
-        )
+        raise _no_safetensors(source.uri, pickled=any(directory.glob("*.bin")))
     _check_weights(source.uri, directory)
     if not (directory / PROCESSOR_CONFIG).is_file():  # found here, not when every inference actor dies
         raise ModelError(f"model {source.uri!r} has no {PROCESSOR_CONFIG} (the image processor's settings)")

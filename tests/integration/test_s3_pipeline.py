@@ -184,7 +184,7 @@ def test_s3_create_bytes_is_exclusive_and_two_runs_found_no_lease_one_gets_it(s3
 
 def test_new_weights_at_the_same_s3_uri_are_copied_again(s3_server, monkeypatch, tmp_path, untrained_model):
     """A scheduled job's model directory updated in place: the cache must not serve the old weights."""
-    from pipeline.model import ModelSource, local_dir, weights_digest
+    from pipeline.model import ModelError, ModelSource, local_dir, weights_digest
     from pipeline.remote import StorageConfig
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -195,9 +195,15 @@ def test_new_weights_at_the_same_s3_uri_are_copied_again(s3_server, monkeypatch,
     for name in ("config.json", "preprocessor_config.json"):
         fs.put(str(untrained_model / name), f"updated/m/{name}")
     (weights,) = untrained_model.glob("*.safetensors")
-    fs.put(str(weights), f"updated/m/{weights.name}")
+    fs.pipe("updated/m/pytorch_model.bin", b"\x80\x04pickle")  # never copied: the safetensors are used
     source = ModelSource("s3://updated/m", StorageConfig(endpoint_url=s3_server.endpoint))
+    with pytest.raises(ModelError, match="only pickle .bin files"):
+        local_dir(source)
+    assert not (tmp_path / "cache").exists()  # refused before anything was copied
+    fs.put(str(weights), f"updated/m/{weights.name}")
+    fs.pipe("updated/m/backup.safetensors/weights.safetensors", b"old")  # a folder named like a file
     first = local_dir(source)
+    assert sorted(p.name for p in first.iterdir()) == ["config.json", weights.name, "preprocessor_config.json"]
     local_dir.cache_clear()  # a later run: a new process
     assert local_dir(source) == first
     retrained = tmp_path / "retrained.safetensors"
