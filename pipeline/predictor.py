@@ -108,7 +108,9 @@ class Predictor:
             torch.set_num_threads(cpu_threads(config.actors))
         directory = local_dir(ModelSource(config.model, config.storage))
         self.model, self.processor = load_model_and_processor(directory, self.device)
-        self.logits_size = MASK2FORMER_LOGITS_SIZE if self.model.config.model_type == "mask2former" else None
+        # the processor's post-processing is followed, and Mask2Former's resizes the logits first
+        mask2former = type(self.processor).__name__.startswith("Mask2FormerImageProcessor")
+        self.logits_size = MASK2FORMER_LOGITS_SIZE if mask2former else None
         if config.compile:
             # dynamic sizes: a batch holds several image shapes and every group a different size,
             # so one compile serves all but groups of one image (torch specialises size 1)

@@ -72,3 +72,23 @@ def test_either_auxiliary_loss_setting_runs(mask2former, tmp_path, scenes):
         (directory / "config.json").write_text(json.dumps(config))
         result = Predictor(InferenceConfig(model=str(directory))).infer(scenes[:1], [scenes[0].shape[:2]])[0]
         assert result.panoptic.segment_ids.shape == scenes[0].shape[:2]
+
+
+def test_the_processor_decides_the_post_processing(tmp_path, scenes):
+    """A MaskFormer whose checkpoint names Mask2Former's processor gets that processor's results
+    (its mask logits resized to 384x384 first), as its own transformers loop gives."""
+    import shutil
+
+    from pipeline.model import BUNDLED_DIR
+
+    directory = tmp_path / "maskformer_m2f_processor"
+    shutil.copytree(BUNDLED_DIR, directory)
+    config = json.loads((directory / "preprocessor_config.json").read_text())
+    (directory / "preprocessor_config.json").write_text(json.dumps(config | {"image_processor_type": "Mask2FormerImageProcessor"}))
+    ours = Predictor(InferenceConfig(model=str(directory))).infer(scenes[:2], [image.shape[:2] for image in scenes[:2]])
+    assert all(len(result.panoptic.segments) >= 2 for result in ours)
+    for image, result in zip(scenes, ours):
+        panoptic, _, _ = reference(directory, image)
+        assert [(s.id, s.label_id) for s in result.panoptic.segments] == [
+            (s["id"], s["label_id"]) for s in panoptic["segments_info"]]
+        assert (result.panoptic.segment_ids == panoptic["segmentation"].numpy().clip(min=0)).mean() > 0.9999

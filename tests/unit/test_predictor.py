@@ -2,6 +2,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -109,3 +110,18 @@ def test_on_a_cpu_the_actors_share_the_cores_as_torch_threads(monkeypatch):
             assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("settings", [{}, {"do_rescale": False, "image_mean": [120.0] * 3, "image_std": [60.0] * 3}])
+def test_pixels_are_normalised_as_the_checkpoints_processor_does(settings):
+    from transformers import AutoImageProcessor
+
+    from pipeline.model import BUNDLED_DIR
+    from pipeline.predictor import normalize, pad_batch
+    from pipeline.preprocess import resize_for_model
+
+    processor = AutoImageProcessor.from_pretrained(BUNDLED_DIR, **settings)
+    rgb = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    pixels, mask = pad_batch([resize_for_model(rgb, processor)])
+    expected = processor(images=[rgb], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(normalize(pixels, mask, processor), expected)
