@@ -147,6 +147,19 @@ def weights_digest(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def processor_settings(directory: Path) -> dict:
+    """The checkpoint's image processor settings (its preprocessor_config.json): with the weights,
+    what decides its results."""
+    path = directory / PROCESSOR_CONFIG
+    try:
+        settings = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"{path} cannot be read ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(settings, dict):
+        raise ModelError(f"{path} is not a processor config (a JSON object)")
+    return settings
+
+
 def load_processor(directory: Path) -> Any:
     """The checkpoint's image processor."""
     from transformers import AutoImageProcessor

@@ -30,7 +30,8 @@ from pipeline.labels import Category, load_categories
 from pipeline.lease import EXPIRES_SECONDS, OutputBusy, check_free, hold_lease
 from pipeline.listing import InputError, iter_inputs, keys_root
 from pipeline.local_paths import absolute, check_every_node_sees, probes, seen
-from pipeline.model import BUNDLED, ModelError, ModelSource, local_dir, model_labels, weights_digest
+from pipeline.model import (BUNDLED, ModelError, ModelSource, local_dir, model_labels, processor_settings,
+                            weights_digest)
 from pipeline.pending import BLOCK_ROWS, PendingConfig, pending_blocks
 from pipeline.prepare import PrepareConfig
 from pipeline.previews import PREVIEWS_DIR, write_index
@@ -318,7 +319,7 @@ def _settings(config: RunConfig, model_dir, categories, dtype: str) -> dict:
     """What changes results, and what the keys are relative to: recorded with the output,
     compared on every later run."""
     return {"input_root": keys_root(config.input, config.storage),
-            "model": config.model, "model_digest": weights_digest(model_dir),
+            "model": config.model, "model_digest": weights_digest(model_dir), "processor": processor_settings(model_dir),
             "categories": [c.coco() | {"label_id": c.label_id} for c in categories], "dtype": dtype,
             "postprocess": {**asdict(config.postprocess),
                             "label_ids_to_fuse": sorted(config.postprocess.label_ids_to_fuse),

@@ -54,7 +54,8 @@ def check_settings(store: OutputStore, fingerprint: dict, committed: bool) -> No
         return
     if recorded.get("model_digest") == fingerprint.get("model_digest"):
         recorded = recorded | {"model": fingerprint.get("model")}
-    changed = _differences(recorded, fingerprint)
+    # an output recorded before a setting was (its processor's, say) is compared on what it holds
+    changed = _differences(recorded, {name: value for name, value in fingerprint.items() if name in recorded})
     if changed:
         raise SettingsMismatch(
             f"{store.root} was made with other settings ({'; '.join(changed)}); mixing them would give "

@@ -178,6 +178,16 @@ def test_changed_settings_are_refused_unless_overwrite(ray_runtime, tmp_path, im
     (tmp_path / "link").symlink_to(image_dir)
     again = RunConfig(input=f"{tmp_path / 'link'}/", output=str(output), limit=3, postprocess=PostprocessConfig(0.7))
     assert run(again, progress=lambda _: None)["run"]["committed_before"] == 3
+    # the same weights with images resized otherwise by the processor: refused
+    from pipeline.model import BUNDLED_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(BUNDLED_DIR, model)
+    processor = json.loads((model / "preprocessor_config.json").read_text())
+    (model / "preprocessor_config.json").write_text(json.dumps(processor | {"size": {"shortest_edge": 96, "longest_edge": 192}}))
+    with pytest.raises(SettingsMismatch, match="processor.size.shortest_edge: 128 -> 96"):
+        run(RunConfig(input=str(image_dir), output=str(output), model=str(model), postprocess=PostprocessConfig(0.7)),
+            progress=lambda _: None)
 
 
 def _predictor_pids() -> list[int]:

@@ -26,6 +26,18 @@ def test_the_same_weights_under_another_name_are_the_same_model(tmp_path):
         check_settings(store, SETTINGS | {"model": "/models/other", "model_digest": "def"}, committed=True)
 
 
+def test_a_setting_an_older_output_did_not_record_is_not_compared(tmp_path):
+    """Outputs made before the processor's settings were recorded go on; those made after compare them."""
+    store = OutputStore(str(tmp_path))
+    check_settings(store, SETTINGS, committed=False)
+    processor = {"size": {"shortest_edge": 800}, "image_mean": [0.485, 0.456, 0.406]}
+    check_settings(store, SETTINGS | {"processor": processor}, committed=True)
+    newer = OutputStore(str(tmp_path / "newer"))
+    check_settings(newer, SETTINGS | {"processor": processor}, committed=False)
+    with pytest.raises(SettingsMismatch, match="processor.size.shortest_edge: 800 -> 640"):
+        check_settings(newer, SETTINGS | {"processor": processor | {"size": {"shortest_edge": 640}}}, committed=True)
+
+
 def test_damaged_settings_are_named_with_what_to_do(tmp_path):
     store = OutputStore(str(tmp_path))
     check_settings(store, SETTINGS, committed=False)
