@@ -115,8 +115,11 @@ def load_categories(id2label: Mapping[int, str], model_dir: Path, label_map: str
     if label_map is not None:
         import fsspec
 
-        with fsspec.open(label_map, "rb", **(storage_options or {})) as f:
-            data = f.read()
+        try:
+            with fsspec.open(label_map, "rb", **(storage_options or {})) as f:
+                data = f.read()
+        except FileNotFoundError as exc:
+            raise LabelMapError(f"--label-map {label_map} does not exist") from exc
         try:
             text = data.decode()
         except UnicodeDecodeError as exc:

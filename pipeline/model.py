@@ -61,6 +61,8 @@ def _copy_remote_dir(uri: str, storage: StorageConfig) -> Path:
         entries = [f for f in fs.ls(root, detail=True) if f.get("type") == "file"]
     except FileNotFoundError as exc:
         raise ModelError(f"model directory {uri} does not exist") from exc
+    if [f["name"].rstrip("/") for f in entries] == [root.rstrip("/")]:  # `ls` of a file lists the file
+        raise ModelError(f"model {uri!r} is a file, not a checkpoint directory")
     files = [f for f in entries if f["name"].endswith((".json", ".safetensors"))]
     if not any(f["name"].endswith(".safetensors") for f in files):  # refused before anything is copied
         raise _no_safetensors(uri, pickled=any(f["name"].endswith(".bin") for f in entries))
@@ -96,7 +98,8 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=list(_FILES)))
     except Exception as exc:  # offline, unknown repo, gated: all are "cannot use this model"
-        raise ModelError(f"cannot fetch model {repo_id!r} from the Hugging Face hub: {exc.__class__.__name__}") from exc
+        raise ModelError(f"cannot fetch model {repo_id!r} from the Hugging Face hub ({exc.__class__.__name__}), "
+                         "and no local directory has that name") from exc
 
 
 @lru_cache(maxsize=8)

@@ -200,6 +200,8 @@ def test_new_weights_at_the_same_s3_uri_are_copied_again(s3_server, monkeypatch,
     with pytest.raises(ModelError, match="only pickle .bin files"):
         local_dir(source)
     assert not (tmp_path / "cache").exists()  # refused before anything was copied
+    with pytest.raises(ModelError, match="is a file, not a checkpoint directory"):
+        local_dir(ModelSource("s3://updated/m/pytorch_model.bin", StorageConfig(endpoint_url=s3_server.endpoint)))
     fs.put(str(weights), f"updated/m/{weights.name}")
     fs.pipe("updated/m/backup.safetensors/weights.safetensors", b"old")  # a folder named like a file
     first = local_dir(source)

@@ -43,6 +43,11 @@ def test_category_names_are_unique(tmp_path):
         load_categories({0: "person", 1: "person"}, tmp_path)
 
 
+def test_a_missing_label_map_names_the_flag(tmp_path):
+    with pytest.raises(LabelMapError, match=f"--label-map {tmp_path}/nope.json does not exist"):
+        load_categories({0: "a"}, tmp_path, str(tmp_path / "nope.json"))
+
+
 def test_user_label_map_must_cover_every_label_and_no_other(tmp_path, caplog):
     path = tmp_path / "map.json"
     path.write_text(json.dumps({"categories": [{"label_id": 0, "id": 7, "name": "a", "isthing": 1}]}))
@@ -123,7 +128,7 @@ def test_pickle_only_checkpoint_is_refused(untrained_model, tmp_path):
 def test_missing_and_unknown_models_are_clear_errors(tmp_path):
     with pytest.raises(ModelError, match="not a checkpoint directory"):
         local_dir(ModelSource(str(tmp_path / "missing")))
-    with pytest.raises(ModelError, match="hub"):
+    with pytest.raises(ModelError, match="from the Hugging Face hub .*, and no local directory has that name"):
         local_dir(ModelSource("no-such-org/no-such-model-xyz"))
 
 
