@@ -163,7 +163,9 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
                                  f"run {current['run_id']} (on {current['host']}, process {current['pid']})")
                     return
                 renew()
-            except OSError:  # storage unreachable for a moment: the next renewal may succeed
+            # storage unreachable for a moment (botocore's EndpointConnectionError is no OSError): the
+            # next renewal may succeed, and a renewer that ended here would let the lease expire under a live run
+            except Exception:
                 pass
 
     def check() -> None:

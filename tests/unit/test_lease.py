@@ -122,6 +122,27 @@ def test_the_lease_is_renewed_while_the_run_works(tmp_path, monkeypatch):
         assert json.loads(store.read_bytes(LEASE))["renewed"] > first
 
 
+def test_the_renewals_outlast_a_storage_outage(tmp_path, monkeypatch):
+    """botocore's connection errors are no OSError: one of them had ended the renewals for good."""
+    class EndpointConnectionError(Exception):
+        pass
+
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.05)
+    store = OutputStore(str(tmp_path))
+    write, outage = OutputStore.write_bytes, time.monotonic() + 0.3
+
+    def unreachable(self, path, data):
+        if path == LEASE and time.monotonic() < outage:
+            raise EndpointConnectionError("Could not connect to the endpoint URL")
+        return write(self, path, data)
+
+    with hold_lease(store, "mine", "now"):
+        monkeypatch.setattr(OutputStore, "write_bytes", unreachable)
+        first = json.loads(store.read_bytes(LEASE))["renewed"]
+        time.sleep(0.8)
+        assert json.loads(store.read_bytes(LEASE))["renewed"] > first + 0.3
+
+
 def test_a_run_that_loses_a_simultaneous_start_refuses(tmp_path, monkeypatch):
     """Both found no lease and both wrote one: the one whose write was overwritten gives way."""
     store = OutputStore(str(tmp_path))
