@@ -30,7 +30,8 @@ from pipeline.listing import MANIFEST_EXTENSIONS as MANIFESTS, InputError  # noq
 from pipeline.local_paths import NotOnEveryNode  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
 from pipeline.state import NotAnOutput, SettingsMismatch  # noqa: E402
-from pipeline.remote import StorageConfig, UnsupportedURL, redact, storage_error_message  # noqa: E402
+from pipeline.remote import (UNREACHABLE, StorageConfig, UnsupportedURL, redact, storage_error_message,  # noqa: E402
+                             unreachable_message)
 from pipeline.run import ClusterTooSmall, ExecutionConfig, RunConfig, Terminated, TooManyErrors, run  # noqa: E402
 from pipeline.storage import DamagedOutput  # noqa: E402
 
@@ -45,8 +46,8 @@ def user_error_message(exc: BaseException) -> str | None:
     return _user_error_message(exc)
 
 
-# the last line of a Python traceback: "[pipeline.module.]ErrorName: message"
-_RAISED = re.compile(r"^(?:pipeline\.\w+\.)?(\w+): (.+)$", re.MULTILINE)
+# the last line of a Python traceback: "[pipeline.module.|botocore.exceptions.]ErrorName: message"
+_RAISED = re.compile(r"^(?:pipeline\.\w+\.|botocore\.exceptions\.)?(\w+): (.+)$", re.MULTILINE)
 _OS_ERRORS = {"OSError", *(c.__name__ for c in (PermissionError, FileNotFoundError, IsADirectoryError,
                                               NotADirectoryError, FileExistsError, ConnectionError, TimeoutError))}
 
@@ -62,6 +63,8 @@ def _remote_user_error(text: str) -> str | None:
     name, message = raised[-1]
     if name in {e.__name__ for e in USER_ERRORS}:
         return message
+    if name in UNREACHABLE:  # the storage went away under a task
+        return unreachable_message(message)
     return f"{name}: {message}" if name in _OS_ERRORS else None
 
 

@@ -75,11 +75,19 @@ def redact(text: str) -> str:
     return text
 
 
+# botocore's errors for an endpoint that does not answer (none of them an OSError)
+UNREACHABLE = frozenset({"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError"})
+
+
+def unreachable_message(message: str) -> str:
+    return f"cannot reach the storage endpoint: {message}"
+
+
 def storage_error_message(exc: BaseException) -> str | None:
     """A one-line explanation of a storage failure a user can fix, or None if it is not one."""
     names = {cls.__name__ for cls in type(exc).__mro__}
-    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"}:
-        return f"cannot reach the storage endpoint: {exc}"
+    if names & UNREACHABLE:
+        return unreachable_message(str(exc))
     if "NoCredentialsError" in names:
         return ("no credentials found for s3:// (set AWS_* variables or a profile; --anonymous reads a public "
                 "input bucket, it cannot write an output)")

@@ -24,6 +24,10 @@ WRAPPED = "\n\nThe above exception was the direct cause of the following excepti
     ("FileNotFoundError: [Errno 2] gone: '/x'\n\nDuring handling of the above exception, another exception "
      "occurred:\n\nTypeError: 'NoneType' object is not iterable" + WRAPPED, None),
     ("ValueError: a bug of ours" + WRAPPED, None),
+    # the storage went away under a write task (botocore's errors are dotted, as Ray's own)
+    ("botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL: "
+     "\"http://127.0.0.1:1/out/x\"" + WRAPPED,
+     "cannot reach the storage endpoint: Could not connect to the endpoint URL: \"http://127.0.0.1:1/out/x\""),
 ])
 def test_only_the_error_a_task_died_of_decides(text, expected):
     assert job._remote_user_error(text) == expected
