@@ -458,4 +458,7 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
         kinds = ", ".join(f"{kind} {n}" for kind, n in counts.error_types.most_common())
         progress(f"failed images by error: {kinds}; one row per image, with its message, in "
                  f"{store.url('tables/errors')} (totals in report.json)")
+    earlier = sum(n for (run, _), n in errors.items() if run != run_id)
+    if earlier:  # a read error while the bucket was unreachable stays an error until asked
+        progress(f"{earlier} images failed in earlier runs and are not retried; --retry-failed retries them")
     return report

@@ -245,12 +245,14 @@ def test_failed_images_are_redone_only_when_asked(ray_runtime, tmp_path, image_d
     first = run(config, progress=lambda _: None)
     assert first["run"]["failed"] == 1 and first["dataset"]["errors"] == 1
     (images / "late.jpg").write_bytes(good)
-    assert run(config, progress=lambda _: None)["run"]["processed"] == 0  # a failure is committed
     messages: list[str] = []
+    assert run(config, progress=messages.append)["run"]["processed"] == 0  # a failure is committed
+    assert messages[-1] == "1 images failed in earlier runs and are not retried; --retry-failed retries them"
+    messages.clear()
     retried = run(RunConfig(input=str(images), output=str(output), retry_failed=True), progress=messages.append)
     assert retried["run"]["processed"] == 1 and retried["run"]["ok"] == 1
     assert retried["dataset"]["images"] == 4 and retried["dataset"]["errors"] == 0
-    assert any("retrying 1 images" in m for m in messages)
+    assert any("retrying 1 images" in m for m in messages) and "failed in earlier runs" not in messages[-1]
     assert not list((output / "tables" / "errors").glob("*.parquet"))
     assert sorted(im["file_name"] for im in coco(output)["images"]) == ["late.jpg", "ok_0.jpg", "ok_1.jpg", "ok_2.jpg"]
 
