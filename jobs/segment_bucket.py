@@ -30,8 +30,8 @@ from pipeline.listing import MANIFEST_EXTENSIONS as MANIFESTS, InputError  # noq
 from pipeline.local_paths import NotOnEveryNode  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
 from pipeline.state import NotAnOutput, SettingsMismatch  # noqa: E402
-from pipeline.remote import (UNREACHABLE, StorageConfig, UnsupportedURL, redact, storage_error_message,  # noqa: E402
-                             unreachable_message)
+from pipeline.remote import (S3_SCHEMES, UNREACHABLE, StorageConfig, UnsupportedURL, redact,  # noqa: E402
+                             storage_error_message, unreachable_message)
 from pipeline.run import ClusterTooSmall, ExecutionConfig, RunConfig, Terminated, TooManyErrors, run  # noqa: E402
 from pipeline.storage import DamagedOutput  # noqa: E402
 
@@ -213,7 +213,7 @@ def _endpoint_variable(args: argparse.Namespace) -> str | None:
     s3:// URL, or a manifest, whose entries may be) and --endpoint-url does not name one; checked as
     the flag is."""
     urls = [str(url) for url in (args.input, args.output, args.model, args.label_map) if url]
-    reaches_s3 = any(url.startswith(("s3://", "s3a://")) for url in urls) or args.input.lower().endswith(MANIFESTS)
+    reaches_s3 = any(url.startswith(S3_SCHEMES) for url in urls) or args.input.lower().endswith(MANIFESTS)
     if args.endpoint_url or not reaches_s3:
         return None
     if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":

@@ -22,7 +22,7 @@ from pipeline.remote import StorageConfig, file_system, file_version
 SUPPORTED_MODEL_TYPES = ("maskformer", "mask2former")
 BUNDLED = "bundled"  # the trained checkpoint shipped in the package, found on every node
 BUNDLED_DIR = Path(__file__).parent / "data" / "model"
-_FILES = ("*.json", "*.safetensors")
+CHECKPOINT_SUFFIXES = (".json", ".safetensors")  # what is fetched and read of a checkpoint: configs and weights
 PROCESSOR_CONFIG = "preprocessor_config.json"
 
 
@@ -63,7 +63,7 @@ def _copy_remote_dir(uri: str, storage: StorageConfig) -> Path:
         raise ModelError(f"model directory {uri} does not exist") from exc
     if [f["name"].rstrip("/") for f in entries] == [root.rstrip("/")]:  # `ls` of a file lists the file
         raise ModelError(f"model {uri!r} is a file, not a checkpoint directory")
-    files = [f for f in entries if f["name"].endswith((".json", ".safetensors"))]
+    files = [f for f in entries if f["name"].endswith(CHECKPOINT_SUFFIXES)]
     if not any(f["name"].endswith(".safetensors") for f in files):  # refused before anything is copied
         raise _no_safetensors(uri, pickled=any(f["name"].endswith(".bin") for f in entries))
     # keyed by the files' names, sizes and ETags too: new weights uploaded to the same URI are
@@ -96,7 +96,7 @@ def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(_FILES)))
+        return Path(snapshot_download(repo_id, allow_patterns=[f"*{suffix}" for suffix in CHECKPOINT_SUFFIXES]))
     except Exception as exc:  # offline, unknown repo, gated: all are "cannot use this model"
         raise ModelError(f"cannot fetch model {repo_id!r} from the Hugging Face hub ({exc.__class__.__name__}), "
                          "and no local directory has that name") from exc

@@ -30,8 +30,8 @@ from pipeline.labels import Category, load_categories
 from pipeline.lease import EXPIRES_SECONDS, OutputBusy, check_free, hold_lease
 from pipeline.listing import InputError, iter_inputs, keys_root
 from pipeline.local_paths import absolute, check_every_node_sees, probes, seen
-from pipeline.model import (BUNDLED, ModelError, ModelSource, local_dir, model_labels, processor_settings,
-                            weights_digest)
+from pipeline.model import (BUNDLED, CHECKPOINT_SUFFIXES, ModelError, ModelSource, local_dir, model_labels,
+                            processor_settings, weights_digest)
 from pipeline.pending import BLOCK_ROWS, PendingConfig, pending_blocks
 from pipeline.prepare import PrepareConfig
 from pipeline.previews import PREVIEWS_DIR, write_index
@@ -370,7 +370,7 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     # read where the manifest is not), the model's files
     local = [("--input", path) for path in dict.fromkeys((config.input, first[1])) if "://" not in path]
     if local_model:
-        local += [("--model", str(path)) for path in sorted(model_dir.iterdir()) if path.suffix in (".json", ".safetensors")]
+        local += [("--model", str(path)) for path in sorted(model_dir.iterdir()) if path.suffix in CHECKPOINT_SUFFIXES]
     check_free(store)
     _start_ray()
     on_gpu = _on_gpu()

@@ -1,7 +1,7 @@
 """`_state/`: what made this output (refuse to mix models) and the history of runs.
 
-_state/settings.json       the fingerprint of what changes results: model weights, label map,
-                           post-processing parameters, dtype; and the input's root, which keys
+_state/settings.json       the fingerprint of what changes results: model weights, image processor
+                           settings, label map, post-processing parameters, dtype; and the input's root, which keys
                            are relative to. A run with other settings on the same output is
                            refused unless the user asks to overwrite.
 _state/runs/<run_id>.json  one record per run: start, end (how it ended), input, settings, counts.
