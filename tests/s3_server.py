@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from tests.ports import free_port
 
 # Distinctive fake credentials: tests assert they never show up in outputs or logs.
 ACCESS_KEY = "AKIAPIPELINETESTKEY1"
@@ -37,36 +37,6 @@ class S3Server:
                                  use_listings_cache=False)
 
 
-def _ephemeral_start() -> int:
-    """Where the kernel starts handing out ports to outgoing connections (Linux's default: 32768)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _free_port(taken: set[int] | None = None) -> int:
-    """A free port whose +10000 gRPC twin is also free (SeaweedFS uses both), both below the
-    ephemeral range: there, any process's outgoing connection (Ray's, say) could take the twin
-    between this check and weed binding it, and weed then dies at start-up. `taken`: ports
-    already handed out for one server, added to."""
-    taken = set() if taken is None else taken
-    while True:
-        port = random.randrange(15000, max(_ephemeral_start() - 10000, 15001))
-        if not {port, port + 10000} & taken and _bindable(port) and _bindable(port + 10000):
-            taken |= {port, port + 10000}
-            return port
-
-
 def _weed() -> str:
     candidate = Path(sys.executable).parent / "weed"
     return str(candidate) if candidate.exists() else shutil.which("weed") or "weed"
@@ -80,7 +50,7 @@ def start(directory: Path, timeout: float = 60.0) -> S3Server:
         "name": "tester", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     taken: set[int] = set()
-    ports = {name: _free_port(taken) for name in ("master", "volume", "filer", "s3")}
+    ports = {name: free_port(taken, twin=10000) for name in ("master", "volume", "filer", "s3")}
     process = subprocess.Popen(
         [_weed(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
          f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.encode import read_panoptic_png
-from tests.s3_server import _free_port
+from tests.ports import free_port
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +38,10 @@ def coco(output: Path) -> dict:
     return json.loads((output / "coco" / "panoptic.json").read_text())
 
 
-def ray_ports(*names: str) -> list[str]:
-    """`ray start` flags giving each named port a free one: the test session's own Ray runtime
-    already holds the defaults (its job agent's 52365 among them)."""
-    return [f"--{name}={_free_port()}" for name in names]
+def ray_ports(*names: str, taken: set[int]) -> list[str]:
+    """`ray start` flags giving each named port a free one, none in `taken` (added to): the test
+    session's own Ray runtime already holds the defaults (its job agent's 52365 among them)."""
+    return [f"--{name}={free_port(taken)}" for name in names]
 
 
 def stop_process_group(process: subprocess.Popen) -> None:

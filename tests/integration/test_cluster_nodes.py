@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import ray_ports, stop_process_group
-from tests.s3_server import _free_port
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "pipeline" / "data" / "samples"
@@ -55,18 +55,19 @@ def two_nodes(tmp_path):
            "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     temp_dir = tempfile.mkdtemp(prefix="raynodes-", dir="/tmp")  # short: socket paths
-    port = _free_port()
+    taken: set[int] = set()  # the ports of every node: all on this machine
+    port = free_port(taken)
     common = ["--block", "--num-cpus=2", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     agents = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
               "runtime-env-agent-port", "metrics-export-port")
     head = subprocess.Popen(
-        ["ray", "start", "--head", f"--port={port}", *ray_ports("ray-client-server-port", *agents), *common,
+        ["ray", "start", "--head", f"--port={port}", *ray_ports("ray-client-server-port", *agents, taken=taken), *common,
          "--include-dashboard=false", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     nodes = [head]
     try:
         _wait_for_nodes(f"127.0.0.1:{port}", env, 1)
-        worker = " ".join(["exec", "ray", "start", f"--address=127.0.0.1:{port}", *ray_ports(*agents), *common])
+        worker = " ".join(["exec", "ray", "start", f"--address=127.0.0.1:{port}", *ray_ports(*agents, taken=taken), *common])
         nodes.append(subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c",
              f"mount -t tmpfs tmpfs '{node_local}' && {worker}"],

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import ray_ports, stop_process_group
-from tests.s3_server import _free_port
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "pipeline" / "data" / "samples"
@@ -47,7 +47,8 @@ def ray_head(tmp_path):
            "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     assert (tmp_path / ".ray" / "auth_token").is_file()
-    dashboard = _free_port()
+    taken: set[int] = set()
+    dashboard = free_port(taken)
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
     # --block keeps the head's processes in this process group, so the test stops exactly this
     # head (`ray stop` would stop every Ray on the machine, the test session's own included).
@@ -55,7 +56,7 @@ def ray_head(tmp_path):
     # agent's 52365 among them), and a second head on them comes up without a job agent.
     ports = ray_ports("port", "node-manager-port", "object-manager-port", "ray-client-server-port",
                       "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                      "metrics-export-port")
+                      "metrics-export-port", taken=taken)
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", *ports, f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
