@@ -33,10 +33,10 @@ from pipeline.state import NotAnOutput, SettingsMismatch  # noqa: E402
 from pipeline.remote import (S3_SCHEMES, UNREACHABLE, StorageConfig, UnsupportedURL, redact,  # noqa: E402
                              storage_error_message, unreachable_message)
 from pipeline.run import ClusterTooSmall, ExecutionConfig, RunConfig, Terminated, TooManyErrors, run  # noqa: E402
-from pipeline.storage import DamagedOutput  # noqa: E402
+from pipeline.storage import DamagedOutput, StorageTimeout  # noqa: E402
 
 USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, TooManyErrors, ClusterTooSmall, OutputBusy,
-               UnsupportedURL, NotOnEveryNode, NotAnOutput, DamagedOutput)
+               UnsupportedURL, NotOnEveryNode, NotAnOutput, DamagedOutput, StorageTimeout)
 
 
 def user_error_message(exc: BaseException) -> str | None:

@@ -6,6 +6,12 @@ works and deletes when it ends. Another run refuses to start while the lease is 
 within EXPIRES_SECONDS and, when the holder is a process of this machine and PID namespace, that
 process still running. So a rerun after a kill on the same machine starts at once, and one on another
 machine or in another container once the lease expires.
+
+A run writes its lease and commits shards only while no other run can have found its lease
+expired: each such write must land within the lease's remaining life (`seconds_left`), or it is
+cancelled. A run whose lease may have expired stops; its images are left to the next run. So a run
+that went unseen (a suspended machine, a storage outage, a hung request) cannot commit an image
+that the run which took the output over has listed as pending, and commits it too.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ EXPIRES_SECONDS = 90.0
 # each reads the lease back after this long to learn whether it was the later one. (Of two runs
 # that find no lease, the store lets only one create it.)
 SETTLE_SECONDS = 0.5
+# Taken off every lease's remaining life for the clocks of the nodes involved (the driver that
+# renews it, the node that commits, the machine of a run that takes over), which may differ.
+CLOCK_MARGIN_SECONDS = 15.0
 
 
 class OutputBusy(RuntimeError):
@@ -91,12 +100,18 @@ def _read(store: OutputStore) -> dict | None:
     return lease if isinstance(lease, dict) and {"run_id", "started", "host", "pid", "renewed"} <= lease.keys() else None
 
 
-def held_by(store: OutputStore, run_id: str) -> bool:
-    """Whether the output's lease names run `run_id`. A run's write task that finds otherwise
-    outlived its driver (killed) or its lease (the run went unseen, and another took the output
-    over, perhaps finished and left): the run now holding it may be redoing its images."""
+def _life_left(lease: dict) -> float:
+    """Seconds before another run could find `lease` expired, less CLOCK_MARGIN_SECONDS."""
+    return lease["renewed"] + EXPIRES_SECONDS - CLOCK_MARGIN_SECONDS - time.time()
+
+
+def seconds_left(store: OutputStore, run_id: str) -> float:
+    """How long run `run_id` may still take to write to the output: 0 or less once it must not.
+    A write task that finds the lease naming another run, or none, outlived its driver (killed)
+    or its lease (the run went unseen, and another took the output over, perhaps finished and
+    left): the run now holding it may be redoing its images."""
     lease = _read(store)
-    return lease is not None and lease["run_id"] == run_id
+    return _life_left(lease) if lease is not None and lease["run_id"] == run_id else 0.0
 
 
 def _holder(store: OutputStore, now: float) -> dict | None:
@@ -129,18 +144,19 @@ def check_free(store: OutputStore) -> None:
 def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callable[[], None]]:
     """Hold the output's lease for the body of the `with`; OutputBusy if another run holds it.
 
-    Yields a check that raises OutputBusy once another run has taken the lease over: this run went
-    unseen past EXPIRES_SECONDS (a suspended machine, a storage outage), the other found it
-    expired, and both would now segment the same images. The renewals stop then, so as not to
-    overwrite the other's lease."""
+    Yields a check that raises OutputBusy once this run has lost the lease: another run took it
+    over (this run went unseen past EXPIRES_SECONDS: a suspended machine, a storage outage, and
+    the other found it expired), or the renewals have not landed for so long that another run
+    may. Both would now segment the same images. The renewals stop then, so as not to overwrite
+    the other's lease."""
     check_free(store)
     lease = {"run_id": run_id, "started": started, **_process(os.getpid())}
 
     def renewed() -> bytes:
         return json.dumps(lease | {"renewed": time.time()}).encode()
 
-    def renew() -> None:
-        store.write_bytes(LEASE, renewed())
+    def renew(seconds: float | None = None) -> None:
+        store.write_bytes(LEASE, renewed(), seconds=seconds)
 
     if not store.create_bytes(LEASE, renewed()):  # a lease is there: an expired one, or a rival's just made
         holder = _holder(store, time.time())
@@ -152,27 +168,34 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
     if holder is not None and holder["run_id"] != run_id:
         raise _busy(store, holder, time.time())
     stop = threading.Event()
-    taken: list[str] = []  # who holds the output instead: set once this run has lost it
+    lost: list[str] = []  # why this run no longer holds the output: set once it has lost it
 
     def keep_renewing() -> None:
         while not stop.wait(RENEW_SECONDS):
             try:
                 current = _read(store)
                 if current is None or current["run_id"] != run_id:  # gone: taken over, and that run ended
-                    taken.append("another run" if current is None else
-                                 f"run {current['run_id']} (on {current['host']}, process {current['pid']})")
+                    taken_by = "another run" if current is None else \
+                        f"run {current['run_id']} (on {current['host']}, process {current['pid']})"
+                    lost.append(f"{taken_by} took over {store.root} after this run went unseen for over "
+                                f"{EXPIRES_SECONDS:.0f} s; what this run committed is kept, and that run goes "
+                                f"on with the rest")
                     return
-                renew()
-            # storage unreachable for a moment (botocore's EndpointConnectionError is no OSError): the
+                if _life_left(current) <= 0:  # a renewal now could overwrite the lease of a run taking over
+                    lost.append(f"none of this run's renewals of its lease on {store.root} landed for "
+                                f"{EXPIRES_SECONDS - CLOCK_MARGIN_SECONDS:.0f} s (a suspended machine, or a slow or "
+                                f"unreachable store), so another run may take the output over; what this run "
+                                f"committed is kept, and a rerun goes on with the rest")
+                    return
+                renew(seconds=_life_left(current))
+            # storage unreachable or slow for a moment (botocore's EndpointConnectionError is no OSError): the
             # next renewal may succeed, and a renewer that ended here would let the lease expire under a live run
             except Exception:
                 pass
 
     def check() -> None:
-        if taken:
-            raise OutputBusy(
-                f"stopped: {taken[0]} took over {store.root} after this run went unseen for over "
-                f"{EXPIRES_SECONDS:.0f} s; what this run committed is kept, and that run goes on with the rest")
+        if lost:
+            raise OutputBusy(f"stopped: {lost[0]}")
 
     renewer = threading.Thread(target=keep_renewing, name="lease-renewer", daemon=True)
     renewer.start()

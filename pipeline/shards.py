@@ -31,12 +31,12 @@ from pipeline.decode import decode_image
 from pipeline.encode import panoptic_png, png_bytes
 from pipeline.failures import WRITE, ImageFailure
 from pipeline.labels import Category
-from pipeline.lease import held_by
+from pipeline.lease import seconds_left
 from pipeline.memory import release_free_memory
 from pipeline.read import read_bytes
 from pipeline.previews import write_preview
 from pipeline.remote import StorageConfig
-from pipeline.storage import DamagedOutput, OutputStore
+from pipeline.storage import REQUEST_SECONDS, DamagedOutput, OutputStore
 from schemas import tables
 
 T = TypeVar("T")
@@ -160,7 +160,7 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
     stage; any other write error (a full disk, storage refusing) stops the shard."""
     start = time.perf_counter()
     store, images, errors = out.store, [], []
-    if out.leased and not held_by(store, out.run_id):  # see below: not even its PNGs
+    if out.leased and seconds_left(store, out.run_id) <= 0:  # see below: not even its PNGs
         return _status(batch, np.full(len(batch["key"]), NOT_COMMITTED, dtype=object), start)
     error_types = np.asarray(batch["error_type"]).astype(object)
     for i, key in enumerate(batch["key"]):
@@ -178,14 +178,18 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
             error_types[i] = type(exc).__name__
             errors.append(row | {"stage": WRITE, "error_type": error_types[i], "message": f"{problem}: {exc}"[:500]})
     shard = part_name(batch["key"])
+    parts = [(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))] if errors else []
+    parts.append((f"{IMAGES_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(images, tables.IMAGES)))  # last: it commits
     # A write task can outlive its driver (killed with -9, its Ray workers go on for seconds) or
     # its run's lease: a run that took the output over lists these images as pending, and a
-    # commit now would count them twice. So the shard commits only while its run holds the lease.
-    if out.leased and not held_by(store, out.run_id):
+    # commit landing after that would count them twice. So the shard commits only while its run
+    # holds the lease, and its commit must land before the lease could expire (lease.py).
+    seconds = seconds_left(store, out.run_id) if out.leased else REQUEST_SECONDS
+    if seconds <= 0:
         return _status(batch, np.full(len(batch["key"]), NOT_COMMITTED, dtype=object), start)
-    if errors:
-        store.write_bytes(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))
-    store.write_bytes(f"{IMAGES_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(images, tables.IMAGES))
+    deadline = time.monotonic() + min(seconds, REQUEST_SECONDS)
+    for path, data in parts:
+        store.write_bytes(path, data, seconds=deadline - time.monotonic())
     release_free_memory()
     return _status(batch, error_types, start)
 

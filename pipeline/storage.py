@@ -14,10 +14,20 @@ from dataclasses import dataclass, field
 from typing import IO, Iterator, Sequence
 
 import fsspec
+from fsspec.exceptions import FSTimeoutError
 
-from pipeline.remote import StorageConfig, file_system, file_version
+from pipeline.remote import StorageConfig, file_system, file_version, first_protocol
 
 S3_DELETE_KEYS = 1000  # the most keys one DeleteObjects request takes
+# The most one request to an object store may take, its retries included. botocore gives up on a
+# response that stops coming (s3fs: after 15 s, retried), but not on a PUT waiting for "100
+# Continue": a store that accepts connections and never answers (a hung proxy or load balancer)
+# would hold a run, and its cleanup after Ctrl-C or SIGTERM, for ever.
+REQUEST_SECONDS = 60.0
+
+
+class StorageTimeout(TimeoutError):
+    """A request to the output's object store did not finish in time; the message names it."""
 
 
 class DamagedOutput(ValueError):
@@ -54,12 +64,33 @@ class OutputStore:
     def url(self, relative: str) -> str:
         return self.root.rstrip("/") + "/" + relative
 
-    def write_bytes(self, relative: str, data: bytes) -> None:
+    def _request(self, method: str, target: str | list[str], *args, seconds: float | None = None, **kwargs):
+        """`fs.<method>(target, *args, **kwargs)`, given up after `seconds` (REQUEST_SECONDS by
+        default) on an object store; StorageTimeout then. fsspec cancels the request: a PUT
+        cancelled while it waits for "100 Continue" has sent nothing of its body."""
+        fs = self.fs
+        if not fs.async_impl:  # local: the operating system's own calls
+            return getattr(fs, method)(target, *args, **kwargs)
+        seconds = REQUEST_SECONDS if seconds is None else seconds
+        try:
+            return getattr(fs, method)(target, *args, timeout=max(seconds, 0.001), **kwargs)  # fsspec reads 0 as no limit
+        except FSTimeoutError:
+            if method == "call_s3":  # target: the S3 operation
+                what = f"{target} under {self.root}"
+            else:
+                what = f"{first_protocol(fs)}://{target if isinstance(target, str) else target[0]}"
+                what += "" if isinstance(target, str) else f" and {len(target) - 1} more"
+            raise StorageTimeout(f"the storage endpoint did not answer within {seconds:.0f} s ({method} of {what})") \
+                from None
+
+    def write_bytes(self, relative: str, data: bytes, seconds: float | None = None) -> None:
+        """Write `data` whole; on an object store within `seconds` (REQUEST_SECONDS by default),
+        or StorageTimeout."""
         if self.is_local:
             with self.open_atomic(relative) as f:  # a temporary renamed; none left by a full disk
                 f.write(data)
         else:
-            self.fs.pipe_file(self.path(relative), data)  # one PUT, atomic there
+            self._request("pipe_file", self.path(relative), data, seconds=seconds)  # one PUT, atomic there
 
     def create_bytes(self, relative: str, data: bytes) -> bool:
         """Write `data` only if no file is there, even one another writer creates at this moment;
@@ -74,8 +105,7 @@ class OutputStore:
                     f.flush()
                     os.fsync(f.fileno())
             else:
-                with self.fs.open(target, "xb") as f:
-                    f.write(data)
+                self._request("pipe_file", target, data, mode="create")  # PUT with If-None-Match: *
         except FileExistsError:
             return False
         except OSError as exc:
@@ -116,16 +146,16 @@ class OutputStore:
                 os.remove(temporary)
 
     def read_bytes(self, relative: str) -> bytes:
-        return self.fs.cat_file(self.path(relative))
+        return self._request("cat_file", self.path(relative))
 
     def read_many(self, relatives: Sequence[str]) -> list[bytes]:
         """The files' contents, in order. Object stores fetch them concurrently (fsspec gathers
         the requests of one `cat`): per-request latency, not bandwidth, bounds small files."""
         # cat_ranges, not cat: cat expands glob characters, which a root like `runs[1]` may hold
-        return self.fs.cat_ranges([self.path(r) for r in relatives], None, None, on_error="raise")
+        return self._request("cat_ranges", [self.path(r) for r in relatives], None, None, on_error="raise")
 
     def exists(self, relative: str) -> bool:
-        return self.fs.exists(self.path(relative))
+        return self._request("exists", self.path(relative))
 
     def list(self, relative_dir: str, suffix: str = "") -> list[str]:
         """Names (relative to `relative_dir`) of the files directly in it, sorted."""
@@ -136,7 +166,7 @@ class OutputStore:
         fs, directory = self.fs, self.path(relative_dir)
         fs.invalidate_cache(directory)  # other processes write here: never trust a cached listing
         try:
-            entries = fs.ls(directory, detail=True)
+            entries = self._request("ls", directory, detail=True)
         except FileNotFoundError:
             return []
         versions = [file_version(e | {"name": posixpath.basename(e["name"].rstrip("/"))}) for e in entries
@@ -157,12 +187,13 @@ class OutputStore:
         fs, directory = self.fs, self.path(relative_dir)
         fs.invalidate_cache(directory)
         prefix = directory.rstrip("/") + "/"
-        return sorted(p[len(prefix):] for p in fs.find(directory) if p.startswith(prefix) and p.endswith(suffix))
+        return sorted(p[len(prefix):] for p in self._request("find", directory)
+                      if p.startswith(prefix) and p.endswith(suffix))
 
     def delete(self, relative: str) -> None:
         """Delete one file, named exactly: `fs.rm` expands glob characters on object stores, so an
         output `s3://b/r?` would also have lost `s3://b/r1`'s file."""
-        self.fs.rm_file(self.path(relative))
+        self._request("rm_file", self.path(relative))
 
     def delete_tree(self, relative_dir: str) -> None:
         """Delete every file under `relative_dir`, each named exactly (see `delete`); on S3 with
@@ -173,12 +204,12 @@ class OutputStore:
         paths = [f"{self.path(relative_dir)}/{name}" for name in self.find(relative_dir)]
         if "s3" not in self.protocols:
             for path in paths:
-                self.fs.rm_file(path)
+                self._request("rm_file", path)
             return
         bucket = self._base.split("/", 1)[0]
         for start in range(0, len(paths), S3_DELETE_KEYS):
             keys = [{"Key": path.split("/", 1)[1]} for path in paths[start:start + S3_DELETE_KEYS]]
-            failed = self.fs.call_s3("delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            failed = self._request("call_s3", "delete_objects", Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
             for error in failed.get("Errors", [])[:1]:  # a quiet delete lists only the keys it could not delete
                 raise OSError(f"cannot delete s3://{bucket}/{error.get('Key')}: {error.get('Code')}: "
                               f"{error.get('Message')}")

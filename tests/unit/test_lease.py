@@ -131,10 +131,10 @@ def test_the_renewals_outlast_a_storage_outage(tmp_path, monkeypatch):
     store = OutputStore(str(tmp_path))
     write, outage = OutputStore.write_bytes, time.monotonic() + 0.3
 
-    def unreachable(self, path, data):
+    def unreachable(self, path, data, seconds=None):
         if path == LEASE and time.monotonic() < outage:
             raise EndpointConnectionError("Could not connect to the endpoint URL")
-        return write(self, path, data)
+        return write(self, path, data, seconds)
 
     with hold_lease(store, "mine", "now"):
         monkeypatch.setattr(OutputStore, "write_bytes", unreachable)
@@ -218,3 +218,17 @@ def test_a_run_whose_lease_vanished_stops_and_does_not_make_it_again(tmp_path, m
         assert "another run took over" in stop_message(still_held)
         time.sleep(0.2)
         assert not store.exists(LEASE)
+
+
+def test_a_run_whose_renewals_have_not_landed_for_too_long_stops_and_renews_no_more(tmp_path, monkeypatch):
+    """Another run may find the lease expired any moment: a renewal landing after it took the
+    output over would overwrite its lease, and both runs would commit the same images."""
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.05)
+    store = OutputStore(str(tmp_path))
+    with hold_lease(store, "mine", "now") as still_held:
+        plant(store, here(), age=lease.EXPIRES_SECONDS - lease.CLOCK_MARGIN_SECONDS + 1, run_id="mine")
+        stale = store.read_bytes(LEASE)
+        assert "none of this run's renewals of its lease" in stop_message(still_held)
+        time.sleep(0.2)
+        assert store.read_bytes(LEASE) == stale
+        assert lease.seconds_left(store, "mine") <= 0 < lease.seconds_left(store, "mine") + 2

@@ -1,5 +1,6 @@
 import errno
 import json
+import time
 
 import numpy as np
 import pytest
@@ -213,10 +214,10 @@ def test_an_image_whose_output_name_the_file_system_refuses_fails_alone(tmp_path
     store = OutputStore(str(tmp_path))
     write = OutputStore.write_bytes
 
-    def refusing(self, path, data):
+    def refusing(self, path, data, seconds=None):
         if ":" in path:
             raise OSError(errno.EINVAL, "Invalid argument", path)
-        return write(self, path, data)
+        return write(self, path, data, seconds)
 
     monkeypatch.setattr(OutputStore, "write_bytes", refusing)
     status = write_shard(_batch(["a:b.jpg", "c.jpg"]), ShardOutput(store, CATEGORIES, "run1", "m"))
@@ -245,22 +246,24 @@ def test_a_preview_whose_name_is_taken_is_skipped_and_the_image_stands(tmp_path)
 
 def test_a_shard_of_a_leased_run_commits_only_while_its_run_holds_the_output(tmp_path):
     """A write task that outlived its driver (kill -9) or its run's lease must not commit images
-    that the run now holding the output lists as pending, nor those of a run that has finished."""
-    from pipeline.lease import LEASE
+    that the run now holding the output lists as pending, nor those of a run that has finished;
+    nor once its own lease is so old that another run could find it expired before the commit lands."""
+    from pipeline.lease import CLOCK_MARGIN_SECONDS, EXPIRES_SECONDS, LEASE
 
     store = OutputStore(str(tmp_path))
-    lease = {"started": "now", "host": "h", "pid": 1, "renewed": 0.0}
+    lease = {"started": "now", "host": "h", "pid": 1}
     leased = ShardOutput(store, CATEGORIES, "run1", "m", leased=True)
-    for holder in ("run2", None):
+    unseen = EXPIRES_SECONDS - CLOCK_MARGIN_SECONDS + 1  # renewed this long ago: about to expire for another run
+    for holder, age in (("run2", 0), (None, 0), ("run1", unseen)):
         if holder:
-            store.write_bytes(LEASE, json.dumps(lease | {"run_id": holder}).encode())
+            store.write_bytes(LEASE, json.dumps(lease | {"run_id": holder, "renewed": time.time() - age}).encode())
         else:
             store.delete(LEASE)
         status = write_shard(_batch(["a.jpg", "bad.jpg"], errors={"bad.jpg"}), leased)
         assert committed_keys(store) == set() and not (tmp_path / "tables").exists()
         assert not (tmp_path / "panoptic").exists()
         assert status["ok"].tolist() == [False, False] and set(status["error_type"]) == {"NotCommitted"}
-    store.write_bytes(LEASE, json.dumps(lease | {"run_id": "run1"}).encode())
+    store.write_bytes(LEASE, json.dumps(lease | {"run_id": "run1", "renewed": time.time() - unseen + 5}).encode())
     write_shard(_batch(["a.jpg", "bad.jpg"], errors={"bad.jpg"}), leased)
     assert committed_keys(store) == {"a.jpg", "bad.jpg"}
     store.delete(LEASE)  # a tool writing shards outside a run: no lease involved

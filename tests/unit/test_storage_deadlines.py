@@ -1,0 +1,52 @@
+"""A store that takes connections and never answers (a hung proxy or load balancer) fails every
+request of the output within its deadline, instead of holding the run for ever."""
+
+import socket
+import time
+
+import pytest
+
+from pipeline import storage
+from pipeline.remote import StorageConfig
+from pipeline.storage import OutputStore, StorageTimeout
+
+
+@pytest.fixture
+def silent_endpoint(monkeypatch):
+    """An http:// endpoint whose kernel accepts connections that nothing ever reads or answers."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKIASILENT", "AWS_SECRET_ACCESS_KEY": "silent-secret",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+@pytest.mark.parametrize("request_", [
+    lambda s: s.write_bytes("panoptic/a.png", b"png"),  # a PUT: waits for "100 Continue", which botocore never gives up on
+    lambda s: s.create_bytes("_state/lease.json", b"{}"),
+    lambda s: s.read_bytes("_state/lease.json"),
+    lambda s: s.read_many(["tables/images/a.parquet", "tables/images/b.parquet"]),
+    lambda s: s.list("tables/images"),
+    lambda s: s.exists("_state/settings.json"),
+    lambda s: s.delete("_state/lease.json"),
+    lambda s: s.delete_tree("panoptic"),
+], ids=["write", "create", "read", "read_many", "list", "exists", "delete", "delete_tree"])
+def test_each_request_to_a_store_that_never_answers_fails_within_its_deadline(request_, silent_endpoint, monkeypatch):
+    monkeypatch.setattr(storage, "REQUEST_SECONDS", 1.0)
+    store = OutputStore("s3://bucket/out", StorageConfig(endpoint_url=silent_endpoint))
+    started = time.monotonic()
+    with pytest.raises(StorageTimeout, match=r"did not answer within 1 s \(\w+ of s3://bucket/out/"):
+        request_(store)
+    assert time.monotonic() - started < 10
+
+
+def test_a_write_is_given_the_time_its_caller_has_left(silent_endpoint):
+    """A shard's commit must land before its run's lease could expire: it gets what is left of that."""
+    store = OutputStore("s3://bucket/out", StorageConfig(endpoint_url=silent_endpoint))
+    started = time.monotonic()
+    with pytest.raises(StorageTimeout, match="within 0 s"):
+        store.write_bytes("tables/images/a.parquet", b"part", seconds=0.3)
+    assert time.monotonic() - started < 5
