@@ -30,10 +30,10 @@ from pipeline.listing import MANIFEST_EXTENSIONS as MANIFESTS, InputError  # noq
 from pipeline.local_paths import NotOnEveryNode  # noqa: E402
 from pipeline.model import BUNDLED, ModelError  # noqa: E402
 from pipeline.state import NotAnOutput, SettingsMismatch  # noqa: E402
-from pipeline.remote import (S3_SCHEMES, UNREACHABLE, StorageConfig, UnsupportedURL, redact,  # noqa: E402
-                             storage_error_message, unreachable_message)
+from pipeline.remote import (S3_SCHEMES, UNREACHABLE, StorageConfig, StorageTimeout, UnsupportedURL,  # noqa: E402
+                             redact, storage_error_message, unreachable_message)
 from pipeline.run import ClusterTooSmall, ExecutionConfig, RunConfig, Terminated, TooManyErrors, run  # noqa: E402
-from pipeline.storage import DamagedOutput, StorageTimeout  # noqa: E402
+from pipeline.storage import DamagedOutput  # noqa: E402
 
 USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, TooManyErrors, ClusterTooSmall, OutputBusy,
                UnsupportedURL, NotOnEveryNode, NotAnOutput, DamagedOutput, StorageTimeout)

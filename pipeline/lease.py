@@ -7,11 +7,14 @@ within EXPIRES_SECONDS and, when the holder is a process of this machine and PID
 process still running. So a rerun after a kill on the same machine starts at once, and one on another
 machine or in another container once the lease expires.
 
-A run writes its lease and commits shards only while no other run can have found its lease
-expired: each such write must land within the lease's remaining life (`seconds_left`), or it is
-cancelled. A run whose lease may have expired stops; its images are left to the next run. So a run
-that went unseen (a suspended machine, a storage outage, a hung request) cannot commit an image
-that the run which took the output over has listed as pending, and commits it too.
+A run writes its lease, its shards' PNGs and their commits only while no other run can have found
+its lease expired: each such write is given until then (`write_deadline`) and cancelled after. A
+run whose renewals have not landed in time stops; its images are left to the next run. So a run
+that went unseen (a storage outage, a hung request) does not commit an image that the run which
+took the output over has listed as pending, and commits it too. The client cancels; a store, or
+a proxy that buffered the body, may still apply a write it had whole, and a machine suspended in
+the middle of a write resumes it with its deadline unspent (Python times deadlines on the
+monotonic clock, which stops during a suspend): those duplicates are not excluded.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pipeline.remote import REQUEST_SECONDS
 from pipeline.storage import OutputStore
 
 LEASE = "_state/lease.json"
@@ -100,18 +104,19 @@ def _read(store: OutputStore) -> dict | None:
     return lease if isinstance(lease, dict) and {"run_id", "started", "host", "pid", "renewed"} <= lease.keys() else None
 
 
-def _life_left(lease: dict) -> float:
-    """Seconds before another run could find `lease` expired, less CLOCK_MARGIN_SECONDS."""
-    return lease["renewed"] + EXPIRES_SECONDS - CLOCK_MARGIN_SECONDS - time.time()
+def _fence(renewed: float) -> float:
+    """When writes must have landed for a lease renewed at `renewed` (epoch seconds): before
+    another run could find it expired, less CLOCK_MARGIN_SECONDS."""
+    return renewed + EXPIRES_SECONDS - CLOCK_MARGIN_SECONDS
 
 
-def seconds_left(store: OutputStore, run_id: str) -> float:
-    """How long run `run_id` may still take to write to the output: 0 or less once it must not.
-    A write task that finds the lease naming another run, or none, outlived its driver (killed)
-    or its lease (the run went unseen, and another took the output over, perhaps finished and
-    left): the run now holding it may be redoing its images."""
+def write_deadline(store: OutputStore, run_id: str) -> float:
+    """When run `run_id`'s writes to the output must have landed (epoch seconds): already past
+    when it must not write. A write task that finds the lease naming another run, or none,
+    outlived its driver (killed) or its lease (the run went unseen, and another took the output
+    over, perhaps finished and left): the run now holding it may be redoing its images."""
     lease = _read(store)
-    return _life_left(lease) if lease is not None and lease["run_id"] == run_id else 0.0
+    return _fence(lease["renewed"]) if lease is not None and lease["run_id"] == run_id else 0.0
 
 
 def _holder(store: OutputStore, now: float) -> dict | None:
@@ -152,17 +157,16 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
     check_free(store)
     lease = {"run_id": run_id, "started": started, **_process(os.getpid())}
 
-    def renewed() -> bytes:
-        return json.dumps(lease | {"renewed": time.time()}).encode()
+    def stamped(renewed: float) -> bytes:
+        return json.dumps(lease | {"renewed": renewed}).encode()
 
-    def renew(seconds: float | None = None) -> None:
-        store.write_bytes(LEASE, renewed(), seconds=seconds)
-
-    if not store.create_bytes(LEASE, renewed()):  # a lease is there: an expired one, or a rival's just made
+    landed = time.time()  # the stamp of the newest renewal known to have landed
+    if not store.create_bytes(LEASE, stamped(landed)):  # a lease is there: an expired one, or a rival's just made
         holder = _holder(store, time.time())
         if holder is not None:
             raise _busy(store, holder, time.time())
-        renew()
+        landed = time.time()
+        store.write_bytes(LEASE, stamped(landed))
     time.sleep(SETTLE_SECONDS)
     holder = _holder(store, time.time())
     if holder is not None and holder["run_id"] != run_id:
@@ -170,8 +174,20 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
     stop = threading.Event()
     lost: list[str] = []  # why this run no longer holds the output: set once it has lost it
 
+    def unseen() -> bool:
+        """Whether another run may now find the lease expired: no renewal has landed in time. A
+        renewal landing after that could overwrite the lease of a run taking over."""
+        if time.time() < _fence(landed):
+            return False
+        lost.append(f"none of this run's renewals of its lease on {store.root} landed for "
+                    f"{EXPIRES_SECONDS - CLOCK_MARGIN_SECONDS:.0f} s (a suspended machine, or a slow or unreachable "
+                    f"store), so another run may take the output over; what this run committed is kept, and a "
+                    f"rerun goes on with the rest")
+        return True
+
     def keep_renewing() -> None:
-        while not stop.wait(RENEW_SECONDS):
+        nonlocal landed
+        while not stop.wait(RENEW_SECONDS) and not unseen():
             try:
                 current = _read(store)
                 if current is None or current["run_id"] != run_id:  # gone: taken over, and that run ended
@@ -181,13 +197,11 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
                                 f"{EXPIRES_SECONDS:.0f} s; what this run committed is kept, and that run goes "
                                 f"on with the rest")
                     return
-                if _life_left(current) <= 0:  # a renewal now could overwrite the lease of a run taking over
-                    lost.append(f"none of this run's renewals of its lease on {store.root} landed for "
-                                f"{EXPIRES_SECONDS - CLOCK_MARGIN_SECONDS:.0f} s (a suspended machine, or a slow or "
-                                f"unreachable store), so another run may take the output over; what this run "
-                                f"committed is kept, and a rerun goes on with the rest")
+                renewed = time.time()
+                if unseen():
                     return
-                renew(seconds=_life_left(current))
+                store.write_bytes(LEASE, stamped(renewed), seconds=min(_fence(landed) - renewed, REQUEST_SECONDS))
+                landed = renewed
             # storage unreachable or slow for a moment (botocore's EndpointConnectionError is no OSError): the
             # next renewal may succeed, and a renewer that ended here would let the lease expire under a live run
             except Exception:

@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
 S3_SCHEMES = ("s3://", "s3a://")
+# The most one request to an object store may take, its retries included. botocore gives up on a
+# response that stops coming (s3fs: after 15 s, retried), but not on a PUT waiting for "100
+# Continue": a store that accepts connections and never answers (a hung proxy or load balancer)
+# would hold a run, and its cleanup after Ctrl-C or SIGTERM, for ever; and retried reads took
+# minutes per image.
+REQUEST_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,33 @@ def file_system(url: str, storage: StorageConfig, write: bool = False) -> tuple[
     except (ValueError, ImportError) as exc:  # "Protocol not known: foo", "Please install gcsfs ..."
         raise UnsupportedURL(f"cannot open {url}: {exc}") from exc
     return fs, fs._strip_protocol(url)
+
+
+class StorageTimeout(TimeoutError):
+    """A request to an object store did not finish in time; the message names it."""
+
+
+def request(fs: AbstractFileSystem, method: str, target: str | list[str], *args, seconds: float | None = None,
+            context: str = "", **kwargs):
+    """`fs.<method>(target, *args, **kwargs)`, given up after `seconds` (REQUEST_SECONDS by
+    default) on an object store; StorageTimeout then, naming the request (and `context`, for a
+    `call_s3` whose target is the S3 operation). fsspec cancels the request: a PUT cancelled
+    while it waits for "100 Continue" has sent nothing of its body."""
+    from fsspec.exceptions import FSTimeoutError
+
+    if not fs.async_impl:  # local: the operating system's own calls
+        return getattr(fs, method)(target, *args, **kwargs)
+    seconds = REQUEST_SECONDS if seconds is None else seconds
+    try:
+        return getattr(fs, method)(target, *args, timeout=max(seconds, 0.001), **kwargs)  # fsspec reads 0 as no limit
+    except FSTimeoutError:
+        if method == "call_s3":
+            what = f"{target} under {context}"
+        else:
+            what = f"{first_protocol(fs)}://{target if isinstance(target, str) else target[0]}"
+            what += "" if isinstance(target, str) else f" and {len(target) - 1} more"
+        raise StorageTimeout(f"a request to the storage endpoint did not finish within {seconds:.0f} s "
+                             f"({method} of {what})") from None
 
 
 def first_protocol(fs: AbstractFileSystem) -> str:

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,12 +32,12 @@ from pipeline.decode import decode_image
 from pipeline.encode import panoptic_png, png_bytes
 from pipeline.failures import WRITE, ImageFailure
 from pipeline.labels import Category
-from pipeline.lease import seconds_left
+from pipeline.lease import write_deadline
 from pipeline.memory import release_free_memory
 from pipeline.read import read_bytes
 from pipeline.previews import write_preview
-from pipeline.remote import StorageConfig
-from pipeline.storage import REQUEST_SECONDS, DamagedOutput, OutputStore
+from pipeline.remote import REQUEST_SECONDS, StorageConfig, StorageTimeout
+from pipeline.storage import DamagedOutput, OutputStore
 from schemas import tables
 
 T = TypeVar("T")
@@ -137,17 +138,35 @@ def _name_problem(exc: OSError) -> str | None:
     return None
 
 
-def _write_image(out: ShardOutput, batch: dict[str, np.ndarray], i: int, row: dict) -> dict:
+class _LeaseEnding(Exception):
+    """A write did not land while its run's lease was sure to hold (lease.py)."""
+
+
+def _write(store: OutputStore, path: str, data: bytes, fence: float) -> None:
+    """Write `data`, landed by `fence` (epoch seconds) and within REQUEST_SECONDS; _LeaseEnding
+    when the fence, not the store's time, cut it off."""
+    seconds = fence - time.time()
+    if seconds <= 0:
+        raise _LeaseEnding
+    try:
+        store.write_bytes(path, data, seconds=min(seconds, REQUEST_SECONDS))
+    except StorageTimeout:
+        if seconds < REQUEST_SECONDS:
+            raise _LeaseEnding from None
+        raise
+
+
+def _write_image(out: ShardOutput, batch: dict[str, np.ndarray], i: int, row: dict, fence: float) -> dict:
     """Write image i's PNGs (and preview); returns its row of the images table."""
     png, segment_ids = panoptic_png_path(row["key"]), np.asarray(batch["segment_ids"][i])
-    out.store.write_bytes(png, panoptic_png(segment_ids))
+    _write(out.store, png, panoptic_png(segment_ids), fence)
     segments = _segment_rows(str(batch["segments"][i]), out.categories)
     if batch["preview"][i]:
         _preview(out, row["key"], row["uri"], segment_ids, segments)
     semantic = None
     if "semantic" in out.tasks:
         semantic = f"{SEMANTIC_DIR}/{row['key']}.png"
-        out.store.write_bytes(semantic, semantic_png(np.asarray(batch["semantic"][i]), out.categories))
+        _write(out.store, semantic, semantic_png(np.asarray(batch["semantic"][i]), out.categories), fence)
     instances = _instance_rows(str(batch["instances"][i]), out.categories) if "instance" in out.tasks else None
     return row | {"width": int(batch["width"][i]), "height": int(batch["height"][i]), "panoptic_png": png,
                   "model": out.model, "segments": segments, "semantic_png": semantic, "instances": instances}
@@ -157,11 +176,25 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
     """Write and commit one shard; returns per image: key, ok, error_type and seconds per stage.
 
     An image whose output cannot have its name (see `_name_problem`) fails alone, at the write
-    stage; any other write error (a full disk, storage refusing) stops the shard."""
+    stage; any other write error (a full disk, storage refusing) stops the shard. A shard whose
+    run does not hold the output, or whose writes do not land while it surely does, commits
+    nothing: its images are NotCommitted, pending for the next run.
+
+    A write task can outlive its driver (killed with -9, its Ray workers go on for seconds) or
+    its run's lease: a run that took the output over lists these images as pending, and a commit
+    landing after that would count them twice. So every write lands before the lease could be
+    found expired (lease.py), and the lease is read again before the commit."""
     start = time.perf_counter()
-    store, images, errors = out.store, [], []
-    if out.leased and seconds_left(store, out.run_id) <= 0:  # see below: not even its PNGs
+    try:
+        return _status(batch, _write_and_commit(batch, out), start)
+    except _LeaseEnding:
         return _status(batch, np.full(len(batch["key"]), NOT_COMMITTED, dtype=object), start)
+
+
+def _write_and_commit(batch: dict[str, np.ndarray], out: ShardOutput) -> np.ndarray:
+    """write_shard's work; returns each image's error type ("" if none)."""
+    store, images, errors = out.store, [], []
+    fence = write_deadline(store, out.run_id) if out.leased else math.inf
     error_types = np.asarray(batch["error_type"]).astype(object)
     for i, key in enumerate(batch["key"]):
         row = {"key": str(key), "uri": str(batch["uri"][i]), "run_id": out.run_id}
@@ -170,7 +203,7 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
                                  "message": str(batch["error_message"][i])})
             continue
         try:
-            images.append(_write_image(out, batch, i, row))
+            images.append(_write_image(out, batch, i, row, fence))
         except OSError as exc:
             problem = _name_problem(exc)
             if problem is None:
@@ -180,18 +213,12 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
     shard = part_name(batch["key"])
     parts = [(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))] if errors else []
     parts.append((f"{IMAGES_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(images, tables.IMAGES)))  # last: it commits
-    # A write task can outlive its driver (killed with -9, its Ray workers go on for seconds) or
-    # its run's lease: a run that took the output over lists these images as pending, and a
-    # commit landing after that would count them twice. So the shard commits only while its run
-    # holds the lease, and its commit must land before the lease could expire (lease.py).
-    seconds = seconds_left(store, out.run_id) if out.leased else REQUEST_SECONDS
-    if seconds <= 0:
-        return _status(batch, np.full(len(batch["key"]), NOT_COMMITTED, dtype=object), start)
-    deadline = time.monotonic() + min(seconds, REQUEST_SECONDS)
+    if out.leased:  # taken over meanwhile, or renewed: the newer fence
+        fence = write_deadline(store, out.run_id)
     for path, data in parts:
-        store.write_bytes(path, data, seconds=deadline - time.monotonic())
+        _write(store, path, data, fence)
     release_free_memory()
-    return _status(batch, error_types, start)
+    return error_types
 
 
 def _status(batch: dict[str, np.ndarray], error_types: np.ndarray, start: float) -> dict[str, np.ndarray]:

@@ -14,20 +14,10 @@ from dataclasses import dataclass, field
 from typing import IO, Iterator, Sequence
 
 import fsspec
-from fsspec.exceptions import FSTimeoutError
 
-from pipeline.remote import StorageConfig, file_system, file_version, first_protocol
+from pipeline.remote import StorageConfig, file_system, file_version, request
 
 S3_DELETE_KEYS = 1000  # the most keys one DeleteObjects request takes
-# The most one request to an object store may take, its retries included. botocore gives up on a
-# response that stops coming (s3fs: after 15 s, retried), but not on a PUT waiting for "100
-# Continue": a store that accepts connections and never answers (a hung proxy or load balancer)
-# would hold a run, and its cleanup after Ctrl-C or SIGTERM, for ever.
-REQUEST_SECONDS = 60.0
-
-
-class StorageTimeout(TimeoutError):
-    """A request to the output's object store did not finish in time; the message names it."""
 
 
 class DamagedOutput(ValueError):
@@ -65,27 +55,12 @@ class OutputStore:
         return self.root.rstrip("/") + "/" + relative
 
     def _request(self, method: str, target: str | list[str], *args, seconds: float | None = None, **kwargs):
-        """`fs.<method>(target, *args, **kwargs)`, given up after `seconds` (REQUEST_SECONDS by
-        default) on an object store; StorageTimeout then. fsspec cancels the request: a PUT
-        cancelled while it waits for "100 Continue" has sent nothing of its body."""
-        fs = self.fs
-        if not fs.async_impl:  # local: the operating system's own calls
-            return getattr(fs, method)(target, *args, **kwargs)
-        seconds = REQUEST_SECONDS if seconds is None else seconds
-        try:
-            return getattr(fs, method)(target, *args, timeout=max(seconds, 0.001), **kwargs)  # fsspec reads 0 as no limit
-        except FSTimeoutError:
-            if method == "call_s3":  # target: the S3 operation
-                what = f"{target} under {self.root}"
-            else:
-                what = f"{first_protocol(fs)}://{target if isinstance(target, str) else target[0]}"
-                what += "" if isinstance(target, str) else f" and {len(target) - 1} more"
-            raise StorageTimeout(f"the storage endpoint did not answer within {seconds:.0f} s ({method} of {what})") \
-                from None
+        """`remote.request` on this output's file system."""
+        return request(self.fs, method, target, *args, seconds=seconds, context=self.root, **kwargs)
 
     def write_bytes(self, relative: str, data: bytes, seconds: float | None = None) -> None:
-        """Write `data` whole; on an object store within `seconds` (REQUEST_SECONDS by default),
-        or StorageTimeout."""
+        """Write `data` whole; on an object store within `seconds` (remote.REQUEST_SECONDS by
+        default), or StorageTimeout."""
         if self.is_local:
             with self.open_atomic(relative) as f:  # a temporary renamed; none left by a full disk
                 f.write(data)

@@ -29,8 +29,9 @@ WRAPPED = "\n\nThe above exception was the direct cause of the following excepti
      "\"http://127.0.0.1:1/out/x\"" + WRAPPED,
      "cannot reach the storage endpoint: Could not connect to the endpoint URL: \"http://127.0.0.1:1/out/x\""),
     # a store that took the connection and never answered
-    ("pipeline.storage.StorageTimeout: the storage endpoint did not answer within 60 s (pipe_file of s3://b/o/p.png)"
-     + WRAPPED, "the storage endpoint did not answer within 60 s (pipe_file of s3://b/o/p.png)"),
+    ("pipeline.remote.StorageTimeout: a request to the storage endpoint did not finish within 60 s (pipe_file of "
+     "s3://b/o/p.png)" + WRAPPED,
+     "a request to the storage endpoint did not finish within 60 s (pipe_file of s3://b/o/p.png)"),
 ])
 def test_only_the_error_a_task_died_of_decides(text, expected):
     assert job._remote_user_error(text) == expected

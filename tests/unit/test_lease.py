@@ -222,13 +222,29 @@ def test_a_run_whose_lease_vanished_stops_and_does_not_make_it_again(tmp_path, m
 
 def test_a_run_whose_renewals_have_not_landed_for_too_long_stops_and_renews_no_more(tmp_path, monkeypatch):
     """Another run may find the lease expired any moment: a renewal landing after it took the
-    output over would overwrite its lease, and both runs would commit the same images."""
+    output over would overwrite its lease, and both runs would commit the same images. So is it
+    when the store answers nothing at all, reads included."""
+    class ReadTimeoutError(Exception):
+        pass
+
     monkeypatch.setattr(lease, "RENEW_SECONDS", 0.05)
+    monkeypatch.setattr(lease, "EXPIRES_SECONDS", 0.8)
+    monkeypatch.setattr(lease, "CLOCK_MARGIN_SECONDS", 0.2)  # so: stops 0.6 s after the last renewal landed
     store = OutputStore(str(tmp_path))
+    write, read, tries = OutputStore.write_bytes, OutputStore.read_bytes, []
+
+    def silent(self, path, *args, **kwargs):
+        tries.append(path)
+        raise ReadTimeoutError("Read timeout on endpoint URL")
+
     with hold_lease(store, "mine", "now") as still_held:
-        plant(store, here(), age=lease.EXPIRES_SECONDS - lease.CLOCK_MARGIN_SECONDS + 1, run_id="mine")
-        stale = store.read_bytes(LEASE)
+        monkeypatch.setattr(OutputStore, "write_bytes", silent)
+        monkeypatch.setattr(OutputStore, "read_bytes", silent)
+        started = time.monotonic()
         assert "none of this run's renewals of its lease" in stop_message(still_held)
-        time.sleep(0.2)
-        assert store.read_bytes(LEASE) == stale
-        assert lease.seconds_left(store, "mine") <= 0 < lease.seconds_left(store, "mine") + 2
+        assert time.monotonic() - started < 0.8 and tries
+        stopped = len(tries)
+        time.sleep(0.3)
+        assert len(tries) == stopped  # the renewer has stopped trying
+        monkeypatch.setattr(OutputStore, "write_bytes", write)
+        monkeypatch.setattr(OutputStore, "read_bytes", read)

@@ -269,3 +269,33 @@ def test_a_shard_of_a_leased_run_commits_only_while_its_run_holds_the_output(tmp
     store.delete(LEASE)  # a tool writing shards outside a run: no lease involved
     write_shard(_batch(["c.jpg"]), ShardOutput(store, CATEGORIES, "tool", "m"))
     assert committed_keys(store) == {"a.jpg", "bad.jpg", "c.jpg"}
+
+
+def test_a_shards_writes_get_only_the_time_its_runs_lease_surely_holds(tmp_path, monkeypatch):
+    """Each write of a leased shard is given until its lease could be found expired (less the
+    clocks' margin), and one cut off by that commits nothing: a commit landing later could follow
+    a takeover by another run, which lists the shard's images as pending."""
+    from pipeline.lease import CLOCK_MARGIN_SECONDS, EXPIRES_SECONDS, LEASE
+    from pipeline.remote import StorageTimeout
+
+    store = OutputStore(str(tmp_path))
+    store.write_bytes(LEASE, json.dumps({"run_id": "run1", "started": "now", "host": "h", "pid": 1,
+                                         "renewed": time.time() - (EXPIRES_SECONDS - CLOCK_MARGIN_SECONDS - 5)}).encode())
+    given, write = [], OutputStore.write_bytes
+
+    def recorded(self, path, data, seconds=None):
+        given.append((path.split("/")[0], seconds))
+        if hang and path.startswith("tables/images"):
+            raise StorageTimeout("a request to the storage endpoint did not finish")
+        return write(self, path, data, seconds)
+
+    monkeypatch.setattr(OutputStore, "write_bytes", recorded)
+    leased = ShardOutput(store, CATEGORIES, "run1", "m", leased=True)
+    for hang in (True, False):
+        given.clear()
+        status = write_shard(_batch(["a.jpg", "bad.jpg"], errors={"bad.jpg"}), leased)
+        assert [where for where, _ in given] == ["panoptic", "tables", "tables"]  # the PNG, errors, images parts
+        assert all(3 < seconds <= 5 for _, seconds in given), given
+        if hang:
+            assert set(status["error_type"]) == {"NotCommitted"} and committed_keys(store) == set()
+    assert status["ok"].tolist() == [True, False] and committed_keys(store) == {"a.jpg", "bad.jpg"}

@@ -1,14 +1,17 @@
 """A store that takes connections and never answers (a hung proxy or load balancer) fails every
-request of the output within its deadline, instead of holding the run for ever."""
+request within its deadline: of the output, instead of holding the run for ever, and of an input,
+as that image's error row, instead of minutes of retries per image."""
 
 import socket
 import time
 
 import pytest
 
-from pipeline import storage
-from pipeline.remote import StorageConfig
-from pipeline.storage import OutputStore, StorageTimeout
+from pipeline import remote
+from pipeline.failures import ImageFailure
+from pipeline.read import read_bytes
+from pipeline.remote import StorageConfig, StorageTimeout
+from pipeline.storage import OutputStore
 
 
 @pytest.fixture
@@ -35,10 +38,10 @@ def silent_endpoint(monkeypatch):
     lambda s: s.delete_tree("panoptic"),
 ], ids=["write", "create", "read", "read_many", "list", "exists", "delete", "delete_tree"])
 def test_each_request_to_a_store_that_never_answers_fails_within_its_deadline(request_, silent_endpoint, monkeypatch):
-    monkeypatch.setattr(storage, "REQUEST_SECONDS", 1.0)
+    monkeypatch.setattr(remote, "REQUEST_SECONDS", 1.0)
     store = OutputStore("s3://bucket/out", StorageConfig(endpoint_url=silent_endpoint))
     started = time.monotonic()
-    with pytest.raises(StorageTimeout, match=r"did not answer within 1 s \(\w+ of s3://bucket/out/"):
+    with pytest.raises(StorageTimeout, match=r"did not finish within 1 s \(\w+ of s3://bucket/out/"):
         request_(store)
     assert time.monotonic() - started < 10
 
@@ -50,3 +53,13 @@ def test_a_write_is_given_the_time_its_caller_has_left(silent_endpoint):
     with pytest.raises(StorageTimeout, match="within 0 s"):
         store.write_bytes("tables/images/a.parquet", b"part", seconds=0.3)
     assert time.monotonic() - started < 5
+
+
+def test_an_input_the_store_never_sends_is_that_images_error(silent_endpoint, monkeypatch):
+    monkeypatch.setattr(remote, "REQUEST_SECONDS", 1.0)
+    started = time.monotonic()
+    with pytest.raises(ImageFailure) as failed:
+        read_bytes("s3://bucket/in/a.jpg", StorageConfig(endpoint_url=silent_endpoint))
+    assert (failed.value.stage, failed.value.error_type) == ("read", "StorageTimeout")
+    assert "did not finish within 1 s (cat_file of s3://bucket/in/a.jpg)" in failed.value.message
+    assert time.monotonic() - started < 10
