@@ -163,7 +163,7 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
     landed = time.time()  # the stamp of the newest renewal known to have landed
     if not store.create_bytes(LEASE, stamped(landed)):  # a lease is there: an expired one, or a rival's just made
         holder = _holder(store, time.time())
-        if holder is not None:
+        if holder is not None and holder["run_id"] != run_id:  # (its own: a retried create whose first try landed)
             raise _busy(store, holder, time.time())
         landed = time.time()
         store.write_bytes(LEASE, stamped(landed))

@@ -248,3 +248,12 @@ def test_a_run_whose_renewals_have_not_landed_for_too_long_stops_and_renews_no_m
         assert len(tries) == stopped  # the renewer has stopped trying
         monkeypatch.setattr(OutputStore, "write_bytes", write)
         monkeypatch.setattr(OutputStore, "read_bytes", read)
+
+
+def test_a_create_whose_first_try_landed_and_whose_retry_was_refused_takes_its_own_lease(tmp_path, monkeypatch):
+    """s3fs retries a PUT whose answer was lost: the retry finds the first try's lease (412)."""
+    store = OutputStore(str(tmp_path))
+    create = OutputStore.create_bytes
+    monkeypatch.setattr(OutputStore, "create_bytes", lambda self, path, data: create(self, path, data) and False)
+    with hold_lease(store, "mine", "now"):
+        assert json.loads(store.read_bytes(LEASE))["run_id"] == "mine"
