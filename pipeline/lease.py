@@ -41,6 +41,8 @@ SETTLE_SECONDS = 0.5
 # Taken off every lease's remaining life for the clocks of the nodes involved (the driver that
 # renews it, the node that commits, the machine of a run that takes over), which may differ.
 CLOCK_MARGIN_SECONDS = 15.0
+# What releasing the lease at the end of a run may take, at most per request.
+RELEASE_SECONDS = 10.0
 
 
 class OutputBusy(RuntimeError):
@@ -94,9 +96,9 @@ def _exists(pid: int) -> bool:
     return True
 
 
-def _read(store: OutputStore) -> dict | None:
+def _read(store: OutputStore, seconds: float | None = None) -> dict | None:
     try:
-        lease = json.loads(store.read_bytes(LEASE))
+        lease = json.loads(store.read_bytes(LEASE, seconds=seconds))
     except FileNotFoundError:
         return None
     except ValueError:  # not ours to interpret (writes are atomic, so not a cut-off one): no holder
@@ -198,7 +200,7 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
                                 f"on with the rest")
                     return
                 renewed = time.time()
-                if unseen():
+                if stop.is_set() or unseen():  # stopped while reading: the run is releasing the lease
                     return
                 store.write_bytes(LEASE, stamped(renewed), seconds=min(_fence(landed) - renewed, REQUEST_SECONDS))
                 landed = renewed
@@ -217,7 +219,13 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
         yield check
     finally:
         stop.set()
-        renewer.join()
-        mine = _read(store)
-        if mine is not None and mine["run_id"] == run_id:  # not a lease taken over after ours expired
-            store.delete(LEASE)
+        renewer.join(RELEASE_SECONDS)
+        try:
+            mine = _read(store, seconds=RELEASE_SECONDS)
+            if mine is not None and mine["run_id"] == run_id:  # not a lease taken over after ours expired
+                store.delete(LEASE, seconds=RELEASE_SECONDS)
+        # Best effort: the store may be what stopped the run, whose own error is the one to report
+        # (or Ctrl-C, SIGTERM, which must not wait on it). A lease left behind frees the output at
+        # once for a rerun on this machine, and elsewhere once it expires.
+        except Exception:
+            pass

@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline.coco import rebuild
 from pipeline.config import InferenceConfig, PostprocessConfig, resolved_dtype
 from pipeline.labels import Category, load_categories
-from pipeline.lease import EXPIRES_SECONDS, OutputBusy, check_free, hold_lease
+from pipeline.lease import CLOCK_MARGIN_SECONDS, EXPIRES_SECONDS, OutputBusy, check_free, hold_lease
 from pipeline.listing import InputError, iter_inputs, keys_root
 from pipeline.local_paths import absolute, check_every_node_sees, probes, seen
 from pipeline.model import (BUNDLED, CHECKPOINT_SUFFIXES, ModelError, ModelSource, local_dir, model_labels,
@@ -277,10 +277,12 @@ def _drive(results: Iterator[dict], counts: RunCounts, progress: Callable[[str],
     try:
         for batch in results:
             still_held()
-            if (batch["error_type"] == NOT_COMMITTED).any():  # its write task found the lease lost
-                raise OutputBusy(f"stopped: this run lost the output's lease (it went unseen for over "
-                                 f"{EXPIRES_SECONDS:.0f} s, and another run took the output over); what it "
-                                 "committed is kept, and its shards in flight were not committed")
+            if (batch["error_type"] == NOT_COMMITTED).any():  # its write task found the lease lost or ending
+                raise OutputBusy(f"stopped: a shard's writes could not land while this run surely held the "
+                                 f"output's lease (the store did not take them in time, or the run went unseen "
+                                 f"for over {EXPIRES_SECONDS - CLOCK_MARGIN_SECONDS:.0f} s and another run may "
+                                 "have taken the output over); what it committed is kept, and its shards in "
+                                 "flight were not committed")
             ok = int(batch["ok"].sum())
             counts.ok += ok
             counts.failed += len(batch["ok"]) - ok
@@ -324,6 +326,15 @@ def _settings(config: RunConfig, model_dir, categories, dtype: str) -> dict:
             "postprocess": {**asdict(config.postprocess),
                             "label_ids_to_fuse": sorted(config.postprocess.label_ids_to_fuse),
                             "tasks": list(config.postprocess.tasks)}}
+
+
+def _record_stopped(store: OutputStore, record: dict, before: tuple[str, ...]) -> None:
+    """Record a run that stopped early, with what it committed; best effort: the store may be
+    what stopped it, and the error that did is the one to report, not one from its record."""
+    try:
+        record_run(store, record | {"counts": _committed_since(store, before)})
+    except Exception:
+        pass
 
 
 def _committed_since(store: OutputStore, before: tuple[str, ...]) -> dict:
@@ -417,7 +428,7 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
             finished = _drive(results, counts, progress, config.max_error_ratio, still_held)
         except OutputBusy:  # another run took the output over: stop writing, and touch nothing of its
             _stop(dataset, results)
-            record_run(store, record | {"lost_lease": _utc(), "counts": _committed_since(store, before)})
+            _record_stopped(store, record | {"lost_lease": _utc()}, before)
             raise
         if not finished:
             _stop(dataset, results)
@@ -438,15 +449,14 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
         write_report(store, report)
         record_run(store, record | {"finished": _utc(), "counts": report["run"]})
     except KeyboardInterrupt:
-        record_run(store, record | {"interrupted": _utc(), "counts": _committed_since(store, before)})
+        _record_stopped(store, record | {"interrupted": _utc()}, before)
         raise
     except OutputBusy:  # recorded as a lost lease
         raise
     # a failed run (a model the actors cannot load, storage gone) is kept too; its error's type only,
     # as the job prints the message (and a message may quote what the record must not hold)
     except Exception as exc:
-        record_run(store, record | {"failed": _utc(), "error_type": type(exc).__name__,
-                                    "counts": _committed_since(store, before)})
+        _record_stopped(store, record | {"failed": _utc(), "error_type": type(exc).__name__}, before)
         raise
     if not finished:
         raise TooManyErrors(

@@ -125,6 +125,7 @@ def _preview(out: ShardOutput, key: str, uri: str, segment_ids: np.ndarray, segm
 
 STAGE_SECONDS = ("seconds_prepare", "seconds_infer", "seconds_write")
 NOT_COMMITTED = "NotCommitted"  # a shard's images when its run no longer holds the output: see write_shard
+FENCE_READ_SECONDS = 5.0  # see _Fence.seconds
 
 
 def _name_problem(exc: OSError) -> str | None:
@@ -142,21 +143,44 @@ class _LeaseEnding(Exception):
     """A write did not land while its run's lease was sure to hold (lease.py)."""
 
 
-def _write(store: OutputStore, path: str, data: bytes, fence: float) -> None:
-    """Write `data`, landed by `fence` (epoch seconds) and within REQUEST_SECONDS; _LeaseEnding
-    when the fence, not the store's time, cut it off."""
-    seconds = fence - time.time()
+class _Fence:
+    """When a shard's writes must have landed: before its run's lease could be found expired
+    (lease.py), followed as the run renews it; never for a shard written outside a run."""
+
+    def __init__(self, out: ShardOutput) -> None:
+        self.store, self.run_id = out.store, out.run_id if out.leased else None
+        self.at, self.read_at = math.inf, -math.inf
+        self.read()
+
+    def read(self) -> None:
+        """Read the lease again: after a renewal the fence is later; after a takeover, past."""
+        if self.run_id is not None:
+            self.at, self.read_at = write_deadline(self.store, self.run_id), time.monotonic()
+
+    def seconds(self) -> float:
+        """How long a write may take now: REQUEST_SECONDS at most, and landed by the fence.
+        The lease is read again once the fence is that near, but not more than every few
+        seconds (it is renewed every lease.RENEW_SECONDS)."""
+        if self.at - time.time() < REQUEST_SECONDS and time.monotonic() - self.read_at >= FENCE_READ_SECONDS:
+            self.read()
+        return min(REQUEST_SECONDS, self.at - time.time())
+
+
+def _write(store: OutputStore, path: str, data: bytes, fence: _Fence) -> None:
+    """Write `data` within `fence.seconds()`; _LeaseEnding when the fence, not the store's
+    REQUEST_SECONDS, cut it off."""
+    seconds = fence.seconds()
     if seconds <= 0:
         raise _LeaseEnding
     try:
-        store.write_bytes(path, data, seconds=min(seconds, REQUEST_SECONDS))
+        store.write_bytes(path, data, seconds=seconds)
     except StorageTimeout:
         if seconds < REQUEST_SECONDS:
             raise _LeaseEnding from None
         raise
 
 
-def _write_image(out: ShardOutput, batch: dict[str, np.ndarray], i: int, row: dict, fence: float) -> dict:
+def _write_image(out: ShardOutput, batch: dict[str, np.ndarray], i: int, row: dict, fence: _Fence) -> dict:
     """Write image i's PNGs (and preview); returns its row of the images table."""
     png, segment_ids = panoptic_png_path(row["key"]), np.asarray(batch["segment_ids"][i])
     _write(out.store, png, panoptic_png(segment_ids), fence)
@@ -193,8 +217,7 @@ def write_shard(batch: dict[str, np.ndarray], out: ShardOutput) -> dict[str, np.
 
 def _write_and_commit(batch: dict[str, np.ndarray], out: ShardOutput) -> np.ndarray:
     """write_shard's work; returns each image's error type ("" if none)."""
-    store, images, errors = out.store, [], []
-    fence = write_deadline(store, out.run_id) if out.leased else math.inf
+    store, images, errors, fence = out.store, [], [], _Fence(out)
     error_types = np.asarray(batch["error_type"]).astype(object)
     for i, key in enumerate(batch["key"]):
         row = {"key": str(key), "uri": str(batch["uri"][i]), "run_id": out.run_id}
@@ -213,8 +236,7 @@ def _write_and_commit(batch: dict[str, np.ndarray], out: ShardOutput) -> np.ndar
     shard = part_name(batch["key"])
     parts = [(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))] if errors else []
     parts.append((f"{IMAGES_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(images, tables.IMAGES)))  # last: it commits
-    if out.leased:  # taken over meanwhile, or renewed: the newer fence
-        fence = write_deadline(store, out.run_id)
+    fence.read()  # taken over meanwhile: commit nothing
     for path, data in parts:
         _write(store, path, data, fence)
     release_free_memory()

@@ -120,8 +120,8 @@ class OutputStore:
             if os.path.exists(temporary):
                 os.remove(temporary)
 
-    def read_bytes(self, relative: str) -> bytes:
-        return self._request("cat_file", self.path(relative))
+    def read_bytes(self, relative: str, seconds: float | None = None) -> bytes:
+        return self._request("cat_file", self.path(relative), seconds=seconds)
 
     def read_many(self, relatives: Sequence[str]) -> list[bytes]:
         """The files' contents, in order. Object stores fetch them concurrently (fsspec gathers
@@ -165,10 +165,10 @@ class OutputStore:
         return sorted(p[len(prefix):] for p in self._request("find", directory)
                       if p.startswith(prefix) and p.endswith(suffix))
 
-    def delete(self, relative: str) -> None:
+    def delete(self, relative: str, seconds: float | None = None) -> None:
         """Delete one file, named exactly: `fs.rm` expands glob characters on object stores, so an
         output `s3://b/r?` would also have lost `s3://b/r1`'s file."""
-        self._request("rm_file", self.path(relative))
+        self._request("rm_file", self.path(relative), seconds=seconds)
 
     def delete_tree(self, relative_dir: str) -> None:
         """Delete every file under `relative_dir`, each named exactly (see `delete`); on S3 with

@@ -77,13 +77,13 @@ def test_sigterm_interrupts_inside_and_the_previous_handler_is_back_after():
         signal.signal(signal.SIGTERM, found)
 
 
-def test_a_shard_its_write_task_did_not_commit_stops_the_run_as_a_lost_lease():
+def test_a_shard_its_write_task_did_not_commit_stops_the_run():
     from pipeline.lease import OutputBusy
     from pipeline.shards import NOT_COMMITTED
 
     counts, lost = RunCounts(), _batch([False] * 3)
     lost["error_type"] = np.full(3, NOT_COMMITTED)
-    with pytest.raises(OutputBusy, match="lost the output's lease"):
+    with pytest.raises(OutputBusy, match="could not land while this run surely held the output's lease"):
         _drive(iter([_batch([True] * 2), lost, _batch([True])]), counts, print, max_error_ratio=0.5,
                still_held=lambda: None)
     assert (counts.ok, counts.failed) == (2, 0)

@@ -299,3 +299,28 @@ def test_a_shards_writes_get_only_the_time_its_runs_lease_surely_holds(tmp_path,
         if hang:
             assert set(status["error_type"]) == {"NotCommitted"} and committed_keys(store) == set()
     assert status["ok"].tolist() == [True, False] and committed_keys(store) == {"a.jpg", "bad.jpg"}
+
+
+def test_a_shard_slower_than_one_lease_period_commits_while_its_run_renews_the_lease(tmp_path, monkeypatch):
+    """The fence read at the shard's start passes while it writes; the renewals move it on."""
+    from pipeline import lease, shards
+
+    monkeypatch.setattr(lease, "EXPIRES_SECONDS", 1.6)
+    monkeypatch.setattr(lease, "CLOCK_MARGIN_SECONDS", 0.4)  # writes must land 1.2 s after a renewal
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.1)
+    monkeypatch.setattr(shards, "REQUEST_SECONDS", 1.0)  # so: the lease is read again within 1 s of its fence
+    monkeypatch.setattr(shards, "FENCE_READ_SECONDS", 0.1)
+    monkeypatch.setattr(lease, "SETTLE_SECONDS", 0.0)
+    store, write = OutputStore(str(tmp_path)), OutputStore.write_bytes
+
+    def slow(self, path, data, seconds=None):
+        if path.startswith("panoptic/"):
+            time.sleep(0.4)
+        return write(self, path, data, seconds)
+
+    monkeypatch.setattr(OutputStore, "write_bytes", slow)
+    keys = [f"{i}.jpg" for i in range(6)]  # 2.4 s of PNGs: twice the fence
+    with lease.hold_lease(store, "run1", "now") as still_held:
+        status = write_shard(_batch(keys), ShardOutput(store, CATEGORIES, "run1", "m", leased=True))
+        still_held()
+    assert status["ok"].all() and committed_keys(store) == set(keys)
