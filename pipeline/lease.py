@@ -112,12 +112,13 @@ def _fence(renewed: float) -> float:
     return renewed + EXPIRES_SECONDS - CLOCK_MARGIN_SECONDS
 
 
-def write_deadline(store: OutputStore, run_id: str) -> float:
+def write_deadline(store: OutputStore, run_id: str, seconds: float | None = None) -> float:
     """When run `run_id`'s writes to the output must have landed (epoch seconds): already past
     when it must not write. A write task that finds the lease naming another run, or none,
     outlived its driver (killed) or its lease (the run went unseen, and another took the output
-    over, perhaps finished and left): the run now holding it may be redoing its images."""
-    lease = _read(store)
+    over, perhaps finished and left): the run now holding it may be redoing its images.
+    `seconds`: how long reading the lease may take."""
+    lease = _read(store, seconds=seconds)
     return _fence(lease["renewed"]) if lease is not None and lease["run_id"] == run_id else 0.0
 
 
@@ -220,12 +221,16 @@ def hold_lease(store: OutputStore, run_id: str, started: str) -> Iterator[Callab
     finally:
         stop.set()
         renewer.join(RELEASE_SECONDS)
-        try:
-            mine = _read(store, seconds=RELEASE_SECONDS)
-            if mine is not None and mine["run_id"] == run_id:  # not a lease taken over after ours expired
-                store.delete(LEASE, seconds=RELEASE_SECONDS)
-        # Best effort: the store may be what stopped the run, whose own error is the one to report
-        # (or Ctrl-C, SIGTERM, which must not wait on it). A lease left behind frees the output at
-        # once for a rerun on this machine, and elsewhere once it expires.
-        except Exception:
-            pass
+        # Deleted only while it is surely this run's: not once another run may be taking it over
+        # (its new lease could land between the read and the delete), nor while a renewal is in
+        # flight (it could land after the delete). A lease left behind frees the output at once
+        # for a rerun on this machine, and elsewhere once it expires.
+        if not lost and not renewer.is_alive() and time.time() + 2 * RELEASE_SECONDS < _fence(landed):
+            try:
+                mine = _read(store, seconds=RELEASE_SECONDS)
+                if mine is not None and mine["run_id"] == run_id:
+                    store.delete(LEASE, seconds=RELEASE_SECONDS)
+            # the store may be what stopped the run, whose own error is the one to report (or Ctrl-C,
+            # SIGTERM, which must not wait on it)
+            except Exception:
+                pass

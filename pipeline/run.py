@@ -39,7 +39,7 @@ from pipeline.remote import StorageConfig
 from pipeline.report import RunCounts, build_report, write_report
 from pipeline.shards import (NOT_COMMITTED, STAGE_SECONDS, ShardOutput, committed_counts, committed_errors,
                              committed_parts, forget_failures, remove_uncommitted)
-from pipeline.state import check_settings, clear_outputs, record_run
+from pipeline.state import RUNS_DIR, check_settings, clear_outputs, record_run
 from pipeline.storage import OutputStore
 
 # Differs from prepare_cpus on purpose: Ray fuses adjacent map stages with equal resources, which
@@ -254,6 +254,9 @@ class TooManyErrors(RuntimeError):
 
 
 MIN_IMAGES_FOR_ERROR_RATIO = 20
+# What recording a run that stopped early may take (see _record_stopped): the footers of the
+# shards it committed are read for its counts.
+RECORD_SECONDS = 30.0
 
 
 def _drive(results: Iterator[dict], counts: RunCounts, progress: Callable[[str], None], max_error_ratio: float,
@@ -328,13 +331,24 @@ def _settings(config: RunConfig, model_dir, categories, dtype: str) -> dict:
                             "tasks": list(config.postprocess.tasks)}}
 
 
-def _record_stopped(store: OutputStore, record: dict, before: tuple[str, ...]) -> None:
-    """Record a run that stopped early, with what it committed; best effort: the store may be
-    what stopped it, and the error that did is the one to report, not one from its record."""
-    try:
-        record_run(store, record | {"counts": _committed_since(store, before)})
-    except Exception:
-        pass
+def _record_stopped(store: OutputStore, record: dict, before: tuple[str, ...], progress: Callable[[str], None]) -> None:
+    """Record a run that stopped early, with what it committed; within RECORD_SECONDS, or not at
+    all: the store may be what stopped it, the error that did is the one to report, and Ctrl-C
+    and SIGTERM must not wait long on it."""
+    failed: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            record_run(store, record | {"counts": _committed_since(store, before)})
+        except Exception as exc:
+            failed.append(exc)
+
+    recorder = threading.Thread(target=write, name="record", daemon=True)
+    recorder.start()
+    recorder.join(RECORD_SECONDS)
+    if recorder.is_alive() or failed:
+        why = f"{type(failed[0]).__name__}: {failed[0]}" if failed else f"not written within {RECORD_SECONDS:.0f} s"
+        progress(f"warning: this run's record in {store.url(RUNS_DIR)} is missing ({why})"[:500])
 
 
 def _committed_since(store: OutputStore, before: tuple[str, ...]) -> dict:
@@ -428,7 +442,7 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
             finished = _drive(results, counts, progress, config.max_error_ratio, still_held)
         except OutputBusy:  # another run took the output over: stop writing, and touch nothing of its
             _stop(dataset, results)
-            _record_stopped(store, record | {"lost_lease": _utc()}, before)
+            _record_stopped(store, record | {"lost_lease": _utc()}, before, progress)
             raise
         if not finished:
             _stop(dataset, results)
@@ -449,14 +463,15 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
         write_report(store, report)
         record_run(store, record | {"finished": _utc(), "counts": report["run"]})
     except KeyboardInterrupt:
-        _record_stopped(store, record | {"interrupted": _utc()}, before)
+        _record_stopped(store, record | {"interrupted": _utc()}, before, progress)
         raise
     except OutputBusy:  # recorded as a lost lease
         raise
     # a failed run (a model the actors cannot load, storage gone) is kept too; its error's type only,
     # as the job prints the message (and a message may quote what the record must not hold)
     except Exception as exc:
-        _record_stopped(store, record | {"failed": _utc(), "error_type": type(exc).__name__}, before)
+        _record_stopped(store, record | {"failed": _utc(), "error_type": type(exc).__name__}, before,
+                        progress)
         raise
     if not finished:
         raise TooManyErrors(

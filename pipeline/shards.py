@@ -152,17 +152,22 @@ class _Fence:
         self.at, self.read_at = math.inf, -math.inf
         self.read()
 
-    def read(self) -> None:
-        """Read the lease again: after a renewal the fence is later; after a takeover, past."""
+    def read(self, seconds: float = REQUEST_SECONDS) -> None:
+        """Read the lease again, within `seconds`: after a renewal the fence is later; after a
+        takeover, past."""
         if self.run_id is not None:
-            self.at, self.read_at = write_deadline(self.store, self.run_id), time.monotonic()
+            self.at, self.read_at = write_deadline(self.store, self.run_id, seconds), time.monotonic()
 
     def seconds(self) -> float:
         """How long a write may take now: REQUEST_SECONDS at most, and landed by the fence.
         The lease is read again once the fence is that near, but not more than every few
         seconds (it is renewed every lease.RENEW_SECONDS)."""
         if self.at - time.time() < REQUEST_SECONDS and time.monotonic() - self.read_at >= FENCE_READ_SECONDS:
-            self.read()
+            try:
+                self.read(seconds=max(self.at - time.time(), 0.001))  # no longer than the fence holds
+            # the lease unread: the fence read before still holds (`read` before the commit raises)
+            except Exception:
+                self.read_at = time.monotonic()
         return min(REQUEST_SECONDS, self.at - time.time())
 
 

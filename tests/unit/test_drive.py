@@ -87,3 +87,23 @@ def test_a_shard_its_write_task_did_not_commit_stops_the_run():
         _drive(iter([_batch([True] * 2), lost, _batch([True])]), counts, print, max_error_ratio=0.5,
                still_held=lambda: None)
     assert (counts.ok, counts.failed) == (2, 0)
+
+
+def test_a_stopped_run_is_recorded_or_a_warning_says_why_not(tmp_path, monkeypatch):
+    """The store may be what stopped the run: its record is best effort, and never hides the error."""
+    import json
+
+    from pipeline import run as run_module
+    from pipeline.storage import OutputStore
+
+    store, lines = OutputStore(str(tmp_path)), []
+    run_module._record_stopped(store, {"run_id": "r1", "interrupted": "now"}, (), lines.append)
+    recorded = json.loads((tmp_path / "_state" / "runs" / "r1.json").read_text())
+    assert recorded["interrupted"] == "now" and recorded["counts"] == {"ok": 0, "failed": 0} and not lines
+
+    def unreachable(*_):
+        raise OSError("no route to the store")
+
+    monkeypatch.setattr(run_module, "record_run", unreachable)
+    run_module._record_stopped(store, {"run_id": "r2"}, (), lines.append)
+    assert lines == [f"warning: this run's record in {tmp_path}/_state/runs is missing (OSError: no route to the store)"]

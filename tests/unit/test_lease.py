@@ -248,6 +248,8 @@ def test_a_run_whose_renewals_have_not_landed_for_too_long_stops_and_renews_no_m
         assert len(tries) == stopped  # the renewer has stopped trying
         monkeypatch.setattr(OutputStore, "write_bytes", write)
         monkeypatch.setattr(OutputStore, "read_bytes", read)
+    # left to expire: another run may be taking it over, and its new lease must not be deleted
+    assert json.loads(store.read_bytes(LEASE))["run_id"] == "mine"
 
 
 def test_a_create_whose_first_try_landed_and_whose_retry_was_refused_takes_its_own_lease(tmp_path, monkeypatch):

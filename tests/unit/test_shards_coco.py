@@ -324,3 +324,24 @@ def test_a_shard_slower_than_one_lease_period_commits_while_its_run_renews_the_l
         status = write_shard(_batch(keys), ShardOutput(store, CATEGORIES, "run1", "m", leased=True))
         still_held()
     assert status["ok"].all() and committed_keys(store) == set(keys)
+
+
+def test_a_lease_unread_mid_shard_keeps_the_fence_read_before(tmp_path, monkeypatch):
+    """A failed read of the lease between a shard's writes is no reason to fail the task: the
+    fence already read still holds. (The read before the commit raises: see write_shard.)"""
+    from pipeline import shards
+    from pipeline.lease import LEASE
+
+    store = OutputStore(str(tmp_path))
+    store.write_bytes(LEASE, json.dumps({"run_id": "run1", "started": "now", "host": "h", "pid": 1,
+                                         "renewed": time.time()}).encode())
+    fence = shards._Fence(ShardOutput(store, CATEGORIES, "run1", "m", leased=True))
+    fence.at, fence.read_at = time.time() + 3, time.monotonic() - shards.FENCE_READ_SECONDS
+
+    def unreachable(*_):
+        raise OSError("no route to the store")
+
+    monkeypatch.setattr(shards, "write_deadline", unreachable)
+    assert 2 < fence.seconds() <= 3
+    with pytest.raises(OSError):
+        fence.read()
