@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from pipeline.remote import StorageConfig, file_system, request
+
 LABEL_MAP_FILE = "label_map.json"
 MAX_CATEGORY_ID = 65535  # semantic PNGs hold category ids in 16 bits at most
 COCO_PANOPTIC_MAP = Path(__file__).parent / "data" / "coco_panoptic_label_map.json"
@@ -109,15 +111,13 @@ def _unique(categories: list[Category], source: str) -> tuple[Category, ...]:
 
 
 def load_categories(id2label: Mapping[int, str], model_dir: Path, label_map: str | None = None,
-                    storage_options: dict | None = None) -> tuple[Category, ...]:
+                    storage: StorageConfig = StorageConfig()) -> tuple[Category, ...]:
     """Categories for every model label id, ordered by label id."""
     id2label = {int(k): v for k, v in id2label.items()}
     if label_map is not None:
-        import fsspec
-
+        fs, path = file_system(label_map, storage)
         try:
-            with fsspec.open(label_map, "rb", **(storage_options or {})) as f:
-                data = f.read()
+            data = request(fs, "cat_file", path)
         except FileNotFoundError as exc:
             raise LabelMapError(f"--label-map {label_map} does not exist") from exc
         try:

@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pipeline.remote import StorageConfig, file_system, file_version
+from pipeline.remote import StorageConfig, file_system, file_version, request, transfer_seconds
 
 SUPPORTED_MODEL_TYPES = ("maskformer", "mask2former")
 BUNDLED = "bundled"  # the trained checkpoint shipped in the package, found on every node
@@ -58,7 +58,7 @@ def _copy_remote_dir(uri: str, storage: StorageConfig) -> Path:
     fs.invalidate_cache(root)  # fsspec keeps listings per file-system instance: this one is current
     try:
         # files only: a sub-folder named like one (`backup.safetensors/`) is no file to copy
-        entries = [f for f in fs.ls(root, detail=True) if f.get("type") == "file"]
+        entries = [f for f in request(fs, "ls", root, detail=True) if f.get("type") == "file"]
     except FileNotFoundError as exc:
         raise ModelError(f"model directory {uri} does not exist") from exc
     if [f["name"].rstrip("/") for f in entries] == [root.rstrip("/")]:  # `ls` of a file lists the file
@@ -72,12 +72,11 @@ def _copy_remote_dir(uri: str, storage: StorageConfig) -> Path:
     target = _cache_root() / hashlib.sha256(json.dumps([uri.rstrip("/"), version]).encode()).hexdigest()[:16]
     if target.is_dir():
         return target
-    names = [name for name, _, _ in version]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
     try:
-        for name in names:
-            fs.get_file(name, str(staging / Path(name).name))  # `get` would expand glob characters
+        for name, size, _ in version:  # `get` would expand glob characters
+            request(fs, "get_file", name, str(staging / Path(name).name), seconds=transfer_seconds(size or 0))
         staging.rename(target)
     except OSError:  # another worker on this node finished first, or the copy failed
         if not target.is_dir():

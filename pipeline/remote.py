@@ -19,6 +19,14 @@ S3_SCHEMES = ("s3://", "s3a://")
 # would hold a run, and its cleanup after Ctrl-C or SIGTERM, for ever; and retried reads took
 # minutes per image.
 REQUEST_SECONDS = 60.0
+# A request moving a known number of bytes gets REQUEST_SECONDS more this per byte: a large upload
+# or copy on a slow but live link is not cut off, one to a store that stopped answering still is.
+MIN_BYTES_PER_SECOND = 1 << 20
+
+
+def transfer_seconds(size: int) -> float:
+    """The time limit of a request that moves `size` bytes."""
+    return REQUEST_SECONDS + size / MIN_BYTES_PER_SECOND
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,9 @@ def request(fs: AbstractFileSystem, method: str, target: str | list[str], *args,
         if method == "call_s3":
             what = f"{target} under {context}"
         else:
-            what = f"{first_protocol(fs)}://{target if isinstance(target, str) else target[0]}"
-            what += "" if isinstance(target, str) else f" and {len(target) - 1} more"
+            remote = args[0] if method == "put_file" else target  # put_file(local, remote)
+            what = f"{first_protocol(fs)}://{remote if isinstance(remote, str) else remote[0]}"
+            what += "" if isinstance(remote, str) else f" and {len(remote) - 1} more"
         raise StorageTimeout(f"a request to the storage endpoint did not finish within {seconds:.0f} s "
                              f"({method} of {what})") from None
 

@@ -381,7 +381,7 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     if unknown:
         raise ModelError(f"--label-ids-to-fuse: the model has no label ids {unknown} (its label ids: "
                          f"{min(labels)} to {max(labels)}; label ids are the model's, not COCO category ids)")
-    categories = load_categories(labels, model_dir, config.label_map, config.storage.options(config.label_map or ""))
+    categories = load_categories(labels, model_dir, config.label_map, config.storage)
     if config.fuse_stuff:
         stuff = {c.label_id for c in categories if not c.isthing}
         if not stuff:

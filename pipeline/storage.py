@@ -1,13 +1,15 @@
 """The output prefix as a small file-system facade: atomic writes, reads and listings.
 
 Local outputs are written to a temporary name and renamed; object stores get a single PUT,
-which is atomic there. Either way a reader never sees half a file.
+which is atomic there. Either way a reader never sees half a file. Every request to an object
+store has a time limit (`remote.request`).
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import tempfile
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ from typing import IO, Iterator, Sequence
 
 import fsspec
 
-from pipeline.remote import StorageConfig, file_system, file_version, request
+from pipeline.remote import StorageConfig, file_system, file_version, request, transfer_seconds
 
 S3_DELETE_KEYS = 1000  # the most keys one DeleteObjects request takes
 
@@ -59,12 +61,13 @@ class OutputStore:
         return request(self.fs, method, target, *args, seconds=seconds, context=self.root, **kwargs)
 
     def write_bytes(self, relative: str, data: bytes, seconds: float | None = None) -> None:
-        """Write `data` whole; on an object store within `seconds` (remote.REQUEST_SECONDS by
-        default), or StorageTimeout."""
+        """Write `data` whole; on an object store within `seconds` (by default the time
+        `remote.transfer_seconds` gives its size), or StorageTimeout."""
         if self.is_local:
             with self.open_atomic(relative) as f:  # a temporary renamed; none left by a full disk
                 f.write(data)
         else:
+            seconds = transfer_seconds(len(data)) if seconds is None else seconds
             self._request("pipe_file", self.path(relative), data, seconds=seconds)  # one PUT, atomic there
 
     def create_bytes(self, relative: str, data: bytes) -> bool:
@@ -93,20 +96,20 @@ class OutputStore:
     def open_atomic(self, relative: str) -> Iterator[IO[bytes]]:
         """A binary stream for a large file that appears whole, or not at all, when closed.
 
-        Object stores publish a (multipart) upload only when it completes; locally we rename. If
-        the caller raises, nothing is published and the previous file stays.
+        For an object store the stream is staged in a local temporary file (under TMPDIR), then
+        uploaded in one request, within the time `remote.transfer_seconds` gives its size (an
+        fsspec file streaming to the store takes no time limit). A multipart upload cut off
+        by it is left incomplete, unpublished, to the bucket's lifecycle rules. Locally we rename. If the caller
+        raises, nothing is published and the previous file stays.
         """
         target = self.path(relative)
         if not self.is_local:
-            f = self.fs.open(target, "wb")
-            try:
-                yield f
-            except BaseException:
-                # `with` would close the file, and closing completes the upload: half a file
-                f.discard()  # aborts a multipart upload already started
-                f.closed = True
-                raise
-            f.close()
+            with tempfile.TemporaryDirectory(prefix="panoptic-upload-") as spool:
+                staged = os.path.join(spool, posixpath.basename(target))
+                with open(staged, "wb") as f:
+                    yield f
+                # large files go up in parts, published only when the last lands
+                self._request("put_file", staged, target, seconds=transfer_seconds(os.path.getsize(staged)))
             return
         os.makedirs(posixpath.dirname(target), exist_ok=True)
         temporary = f"{target}.{uuid.uuid4().hex}.tmp"

@@ -9,6 +9,8 @@ import pytest
 
 from pipeline import remote
 from pipeline.failures import ImageFailure
+from pipeline.labels import load_categories
+from pipeline.model import ModelSource, local_dir
 from pipeline.read import read_bytes
 from pipeline.remote import StorageConfig, StorageTimeout
 from pipeline.storage import OutputStore
@@ -27,6 +29,11 @@ def silent_endpoint(monkeypatch):
     listener.close()
 
 
+def _stream(store: OutputStore) -> None:
+    with store.open_atomic("coco/panoptic.json") as f:  # as the COCO JSON is written
+        f.write(b'{"images": []}')
+
+
 @pytest.mark.parametrize("request_", [
     lambda s: s.write_bytes("panoptic/a.png", b"png"),  # a PUT: waits for "100 Continue", which botocore never gives up on
     lambda s: s.create_bytes("_state/lease.json", b"{}"),
@@ -36,7 +43,8 @@ def silent_endpoint(monkeypatch):
     lambda s: s.exists("_state/settings.json"),
     lambda s: s.delete("_state/lease.json"),
     lambda s: s.delete_tree("panoptic"),
-], ids=["write", "create", "read", "read_many", "list", "exists", "delete", "delete_tree"])
+    _stream,
+], ids=["write", "create", "read", "read_many", "list", "exists", "delete", "delete_tree", "stream"])
 def test_each_request_to_a_store_that_never_answers_fails_within_its_deadline(request_, silent_endpoint, monkeypatch):
     monkeypatch.setattr(remote, "REQUEST_SECONDS", 1.0)
     store = OutputStore("s3://bucket/out", StorageConfig(endpoint_url=silent_endpoint))
@@ -63,3 +71,14 @@ def test_an_input_the_store_never_sends_is_that_images_error(silent_endpoint, mo
     assert (failed.value.stage, failed.value.error_type) == ("read", "StorageTimeout")
     assert "did not finish within 1 s (cat_file of s3://bucket/in/a.jpg)" in failed.value.message
     assert time.monotonic() - started < 10
+
+
+def test_a_model_or_label_map_the_store_never_sends_fails_within_its_deadline(silent_endpoint, monkeypatch, tmp_path):
+    monkeypatch.setattr(remote, "REQUEST_SECONDS", 1.0)
+    storage = StorageConfig(endpoint_url=silent_endpoint)
+    started = time.monotonic()
+    with pytest.raises(StorageTimeout, match=r"within 1 s \(ls of s3://models/m\)"):
+        local_dir(ModelSource("s3://models/m", storage))
+    with pytest.raises(StorageTimeout, match=r"within 1 s \(cat_file of s3://models/labels.json\)"):
+        load_categories({0: "a"}, tmp_path, "s3://models/labels.json", storage)
+    assert time.monotonic() - started < 20
