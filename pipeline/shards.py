@@ -239,8 +239,9 @@ def _write_and_commit(batch: dict[str, np.ndarray], out: ShardOutput) -> np.ndar
             error_types[i] = type(exc).__name__
             errors.append(row | {"stage": WRITE, "error_type": error_types[i], "message": f"{problem}: {exc}"[:500]})
     shard = part_name(batch["key"])
-    parts = [(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS))] if errors else []
-    parts.append((f"{IMAGES_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(images, tables.IMAGES)))  # last: it commits
+    # an errors part even without rows: a query of tables/errors/*.parquet finds a table on every output
+    parts = [(f"{ERRORS_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(errors, tables.ERRORS)),
+             (f"{IMAGES_DIR}/{shard}{PART_SUFFIX}", _parquet_bytes(images, tables.IMAGES))]  # last: it commits
     fence.read()  # taken over meanwhile: commit nothing
     for path, data in parts:
         _write(store, path, data, fence)
@@ -308,13 +309,13 @@ def _committed(store: OutputStore, directory: str, parts: Sequence[str] | None =
 
 
 def forget_failures(store: OutputStore) -> int:
-    """Delete every committed errors part, so that the failed images are pending again (their
+    """Delete every committed errors part with rows, so that the failed images are pending again (their
     shards' segmented images stay committed); returns how many images failed."""
     parts = _committed(store, ERRORS_DIR)
-    failed = _rows(store, parts)
-    for part in parts:
+    rows = list(_read(store, parts, lambda data: pq.read_metadata(data).num_rows))
+    for part in (part for part, n in zip(parts, rows) if n):  # most shards' parts are empty
         store.delete(part)
-    return failed
+    return sum(rows)
 
 
 def iter_committed(store: OutputStore, directory: str, columns: list[str] | None = None) -> Iterator[pa.Table]:

@@ -174,6 +174,9 @@ def test_duckdb_over_the_tables_matches_the_report(batched_run):
     assert len(rows) >= 4
     assert {label: int(pixels) for label, pixels, _ in rows} == report["dataset"]["pixels_per_category"]
     assert {label: int(n) for label, _, n in rows} == report["dataset"]["segments_per_category"]
+    # no image failed, and the errors table is there all the same, empty: a scheduled query of it works
+    errors = duckdb.sql(f"SELECT count(*) FROM read_parquet('{batched_run}/tables/errors/*.parquet')").fetchall()
+    assert errors == [(report["dataset"]["errors"],)] == [(0,)]
 
 
 def test_report_has_stage_timings(batched_run):
