@@ -67,7 +67,26 @@ def _thing_flag_as_bool(document: dict, name: str) -> dict:
     return doctored
 
 
-@pytest.mark.parametrize("doctor", [_bad_bbox, _extra_field, _thing_flag_as_bool])
+def _short_color(document: dict, name: str) -> dict:
+    doctored = copy.deepcopy(document)
+    doctored["categories"][0]["color"] = [255, 0]
+    return doctored
+
+
+def _color_out_of_range(document: dict, name: str) -> dict:
+    doctored = copy.deepcopy(document)
+    doctored["categories"][0]["color"] = [256, 0, 0]
+    return doctored
+
+
+def _category_id_beyond_16_bits(document: dict, name: str) -> dict:
+    doctored = copy.deepcopy(document)
+    doctored["categories"][0]["id"] = 65536
+    return doctored
+
+
+@pytest.mark.parametrize("doctor", [_bad_bbox, _extra_field, _thing_flag_as_bool, _short_color, _color_out_of_range,
+                                    _category_id_beyond_16_bits])
 @pytest.mark.parametrize("name", COCO_SCHEMAS)
 def test_schemas_reject_doctored_outputs(coco_files, name, doctor):
     with pytest.raises(jsonschema.ValidationError):
