@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import fsspec
 
 from pipeline.remote import StorageConfig, UnsupportedURL, file_system, first_protocol
-from pipeline.state import SETTINGS, STATE_DIR
+from pipeline.state import SETTINGS, STATE_DIR, WRITTEN_FOLDERS
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif", ".pbm", ".pgm", ".ppm",
@@ -203,8 +203,9 @@ def _resolved(uri: str, folder: str, protocol: str) -> str:
 
 
 def _inside(output: str, storage: StorageConfig, fs: fsspec.AbstractFileSystem, root: str) -> str | None:
-    """The output's path plus "/" when the output lies inside the input folder `root` of `fs`
-    (local paths resolved: `in/./out` and a link to `in/out` are `in/out`)."""
+    """The output's path plus "/" when the output lies inside the input `root` of `fs` (local
+    paths resolved: `in/./out` and a link to `in/out` are `in/out`). InputError when the output
+    is the input folder itself, or the input lies in a folder runs write (and --overwrite deletes)."""
     out_fs, out_root = file_system(output, storage, write=True)
     if first_protocol(out_fs) != first_protocol(fs):
         return None
@@ -213,6 +214,10 @@ def _inside(output: str, storage: StorageConfig, fs: fsspec.AbstractFileSystem, 
     prefix, folder = out_root.rstrip("/") + "/", root.rstrip("/") + "/"
     if prefix == folder:
         raise InputError(f"--output {output} is the input folder itself: write the outputs to another folder")
+    written = folder[len(prefix):].split("/")[0] if folder.startswith(prefix) else None
+    if written in WRITTEN_FOLDERS:
+        raise InputError(f"the input lies in {written}/ of --output {output}, which runs write and --overwrite "
+                         "deletes: move the images out of it, or write the outputs to another folder")
     return prefix if prefix.startswith(folder) else None
 
 
@@ -243,6 +248,7 @@ def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig(),
         fs, root = file_system(input_uri, storage)
         protocol = first_protocol(fs)
         kind = _kind(fs, root)
+        inside = _inside(output, storage, fs, root) if output else None
         if kind == "manifest":
             folder = root.rsplit("/", 1)[0]
             for uri in _manifest_uris(fs, root):
@@ -259,7 +265,7 @@ def iter_inputs(input_uri: str, storage: StorageConfig = StorageConfig(),
                 raise InputError(f"input {input_uri} is a file that is neither an image ({images}) nor a "
                                  f"manifest of image URIs ({manifests})")
             raise InputError(f"no images found: input {input_uri} does not exist or is an empty prefix")
-        yield from _list_folder(fs, root, protocol, _inside(output, storage, fs, root) if output else None)
+        yield from _list_folder(fs, root, protocol, inside)
     except (InputError, UnsupportedURL):
         raise
     except (FileNotFoundError, PermissionError) as exc:

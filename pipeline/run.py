@@ -39,7 +39,7 @@ from pipeline.remote import StorageConfig
 from pipeline.report import RunCounts, build_report, write_report
 from pipeline.shards import (NOT_COMMITTED, STAGE_SECONDS, ShardOutput, committed_counts, committed_errors,
                              committed_parts, forget_failures, remove_uncommitted)
-from pipeline.state import RUNS_DIR, check_settings, clear_outputs, record_run
+from pipeline.state import RUNS_DIR, check_is_output, check_settings, clear_outputs, record_run
 from pipeline.storage import OutputStore
 
 # Differs from prepare_cpus on purpose: Ray fuses adjacent map stages with equal resources, which
@@ -372,6 +372,7 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     config = replace(config, input=absolute(config.input), output=absolute(config.output),
                      model=absolute(config.model) if local_model else config.model)
     store = OutputStore(config.output, config.storage)
+    check_is_output(store)  # before anything is written: the lease, the probe
     store.check_writable()
     if config.model != BUNDLED and not local_model:  # minutes for a large checkpoint, with no other output
         progress(f"model {config.model}: fetching it, or reading this machine's cached copy")

@@ -22,6 +22,8 @@ RUNS_DIR = f"{STATE_DIR}/runs"
 # but not its record would leave that shard "done" without its PNGs
 OUTPUT_DIRS = ("tables", "panoptic", "semantic", "previews", "coco", RUNS_DIR)
 OUTPUT_FILES = ("report.json",)
+# the top-level folders runs write in (and --overwrite deletes)
+WRITTEN_FOLDERS = frozenset(name.split("/")[0] for name in OUTPUT_DIRS) | {STATE_DIR}
 
 
 class SettingsMismatch(ValueError):
@@ -77,18 +79,23 @@ def _recorded(store: OutputStore) -> dict:
 
 
 class NotAnOutput(ValueError):
-    """--overwrite on a folder that holds files of the names a run writes, but no run made it."""
+    """A folder that holds files of the names a run writes, but no run made it."""
 
 
-def clear_outputs(store: OutputStore) -> None:
-    """Delete everything a run writes under the output (for --overwrite); NotAnOutput, deleting
-    nothing, if the folder holds such names but no run of this pipeline made it (a mistyped
-    --output must not cost a user their own coco/ or tables/)."""
+def check_is_output(store: OutputStore) -> None:
+    """NotAnOutput if the folder holds names a run writes but no run of this pipeline made it:
+    a run deletes the errors parts of shards it finds uncommitted, and --overwrite everything of
+    those names, so a mistyped --output must not cost a user their own coco/ or tables/."""
     present = [name for name in (*OUTPUT_DIRS, *OUTPUT_FILES) if store.exists(name)]
     if present and not store.exists(SETTINGS) and not store.list(RUNS_DIR):
         raise NotAnOutput(
-            f"--overwrite: {store.root} holds {', '.join(present)} but is not an output of this pipeline "
-            f"(it has no {SETTINGS}): nothing was deleted; choose another --output")
+            f"{store.root} holds {', '.join(present)} but is not an output of this pipeline (it has no "
+            f"{SETTINGS}): nothing was written or deleted; choose another --output")
+
+
+def clear_outputs(store: OutputStore) -> None:
+    """Delete everything a run writes under the output (for --overwrite), on a folder
+    `check_is_output` accepted."""
     for name in OUTPUT_DIRS:
         if store.exists(name):
             store.delete_tree(name)

@@ -42,14 +42,19 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, fla
     assert not (tmp_path / "out").exists()
 
 
-def test_overwrite_refuses_a_folder_no_run_made_and_deletes_nothing(tmp_path):
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["run", "overwrite"])
+def test_a_folder_no_run_made_is_refused_and_nothing_in_it_touched(tmp_path, overwrite):
+    """A run deletes errors parts it finds uncommitted, --overwrite every name runs write: neither
+    may take a user's own files in a mistyped --output."""
     folder = tmp_path / "mine"
-    for name in ("coco/my_annotations.json", "tables/budget.csv", "report.json"):
+    for name in ("coco/my_annotations.json", "tables/errors/mine.parquet", "report.json"):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text("precious")
-    line = one_error_line(job("--input", str(SAMPLES), "--output", str(folder), "--overwrite"))
-    assert "--overwrite" in line and "is not an output of this pipeline" in line and "nothing was deleted" in line
-    for name in ("coco/my_annotations.json", "tables/budget.csv", "report.json"):
+    before = sorted(folder.rglob("*"))
+    line = one_error_line(job("--input", str(SAMPLES), "--output", str(folder), *overwrite))
+    assert "is not an output of this pipeline" in line and "nothing was written or deleted" in line
+    assert sorted(folder.rglob("*")) == before  # no lease, no probe, no _state/ left
+    for name in ("coco/my_annotations.json", "tables/errors/mine.parquet", "report.json"):
         assert (folder / name).read_text() == "precious"
 
 

@@ -188,6 +188,21 @@ def test_an_output_inside_the_input_is_found_however_it_is_spelt(tmp_path, image
         list(iter_inputs(str(root), output=f"{root}/"))
 
 
+@pytest.mark.parametrize("inner", ["previews", "panoptic/sub", "_state", "coco"])
+def test_an_input_in_a_folder_runs_write_is_refused(tmp_path, image_dir, inner):
+    """--overwrite would delete such an input before the run lists it (and a run would read its own outputs)."""
+    import shutil
+
+    output = tmp_path / "out"
+    shutil.copytree(image_dir, output / inner)
+    with pytest.raises(InputError, match=f"the input lies in {inner.split('/')[0]}/ of --output {output}"):
+        list(iter_inputs(str(output / inner), output=str(output)))
+    with pytest.raises(InputError, match="the input lies in"):  # a single image there too
+        list(iter_inputs(str(output / inner / "img_0.jpg"), output=str(output)))
+    shutil.copytree(image_dir, output / "raw")  # beside the outputs: an input like any other
+    assert len(list(iter_inputs(str(output / "raw"), output=str(output)))) == 6
+
+
 def test_relative_entries_of_manifests_in_two_folders_are_two_images(tmp_path, image_dir):
     keys = set()
     for day in ("day1", "day2"):
