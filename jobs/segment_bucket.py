@@ -238,10 +238,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    # Ray Data logs the stack trace of an error that ends the plan (a write task's full disk, an
-    # actor that cannot load the model) before re-raising it: here it becomes one error line, or,
-    # for a bug, Python's own traceback
-    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
+    # Ray Data logs an error that ends the plan (a write task's full disk, an actor that cannot
+    # load the model, a damaged part the listing reads), with its stack trace and advice on
+    # DataContext settings, before re-raising it: here it becomes one error line, or, for a bug,
+    # Python's own traceback
+    for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     config = config_from_args(parse_args(argv))

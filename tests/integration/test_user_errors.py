@@ -30,6 +30,7 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stdout, result.stdout[-3000:]  # where Ray prints a failed actor's
+    assert "DataContext" not in result.stderr, result.stderr[-3000:]  # Ray's advice, not a user's to take
     (line,) = [line for line in result.stderr.splitlines() if "error:" in line and "ERROR" not in line]
     return line
 
@@ -97,3 +98,20 @@ def test_a_processor_config_transformers_cannot_apply(tmp_path):
     line = one_error_line(job("--input", str(SAMPLES), "--output", str(tmp_path / "out"), "--model", str(model)))
     assert line.startswith(f"error: model in {model} cannot segment a test image: ValueError: Size must contain")
     assert not (tmp_path / "out" / "tables").exists()
+
+
+def test_a_committed_part_damaged_since_is_one_line_naming_it(tmp_path):
+    """Found by the listing, a Ray task: Ray Data logs its stack trace unless the job says otherwise."""
+    import pyarrow.parquet as pq
+
+    output = tmp_path / "out"
+    assert job("--input", str(SAMPLES), "--output", str(output), "--limit", "2").returncode == 0
+    (part,) = (output / "tables" / "images").glob("*.parquet")
+    chunk = pq.read_metadata(part).row_group(0).column(0)
+    assert chunk.path_in_schema == "key"
+    data = bytearray(part.read_bytes())
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data[start + chunk.total_compressed_size - 1] ^= 0xFF  # the last page's last byte: its CRC fails
+    part.write_bytes(bytes(data))
+    line = one_error_line(job("--input", str(SAMPLES), "--output", str(output)))
+    assert line.startswith(f"error: {part} cannot be read (OSError: ") and "damaged after it was committed" in line
