@@ -46,9 +46,25 @@ class LabelMapError(ValueError):
     """A label map that does not fit the checkpoint."""
 
 
+ENTRY_KEYS = ("label_id", "id", "name", "isthing", "color", "supercategory")
+REQUIRED_KEYS = ENTRY_KEYS[:4]  # color and supercategory have defaults
+FORM = '{"categories": [{"label_id": 0, "id": 1, "name": "sky", "isthing": 0, "color": [135, 206, 235], ...}, ...]}'
+
+
 def _category(e: dict) -> Category:
     """One label map entry, strictly: a map that says "isthing": "no" or a 2-number colour would
-    otherwise become a thing or a broken COCO category in every output."""
+    otherwise become a thing or a broken COCO category in every output, and one that spells a key
+    "colour" would silently get black, the colour of void."""
+    if not isinstance(e, dict):
+        raise ValueError(f"not a JSON object with the keys {', '.join(ENTRY_KEYS)}: {e!r}")
+    missing = [k for k in REQUIRED_KEYS if k not in e]
+    if missing:
+        raise ValueError(f"no {', '.join(map(json.dumps, missing))} "
+                         f"(required keys: {', '.join(REQUIRED_KEYS)}): {e}")
+    unknown = [k for k in e if k not in ENTRY_KEYS]
+    if unknown:
+        raise ValueError(f"{', '.join(map(json.dumps, unknown))}: no such key "
+                         f"(the keys are {', '.join(ENTRY_KEYS)}): {e}")
     if not isinstance(e["name"], str) or not isinstance(e.get("supercategory", ""), str):
         raise ValueError(f"name and supercategory must be strings: {e}")
     if e["isthing"] not in (0, 1) or isinstance(e["isthing"], float):  # True and False are 1 and 0
@@ -63,9 +79,21 @@ def _category(e: dict) -> Category:
 
 def _parse(text: str, source: str) -> list[Category]:
     try:
-        categories = [_category(e) for e in json.loads(text)["categories"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LabelMapError(f"label map {source} is not valid: {exc!r}") from exc
+        data = json.loads(text)
+    except ValueError as exc:
+        raise LabelMapError(f"label map {source} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("categories"), list):
+        raise LabelMapError(f'label map {source} must be a JSON object with a "categories" list, as {FORM}')
+    unknown = [k for k in data if k != "categories"]
+    if unknown:  # a misspelt or misplaced key would otherwise be ignored
+        raise LabelMapError(f'label map {source} has keys other than "categories", its only one: '
+                            f'{", ".join(map(json.dumps, unknown))} (the form is {FORM})')
+    categories = []
+    for i, entry in enumerate(data["categories"]):
+        try:
+            categories.append(_category(entry))
+        except ValueError as exc:  # categories[i] as jq and Python name it: the first entry is 0
+            raise LabelMapError(f"label map {source}, categories[{i}]: {exc}") from exc
     repeated = sorted(i for i, n in Counter(c.label_id for c in categories).items() if n > 1)
     if repeated:
         raise LabelMapError(f"label map {source} has several entries for label ids {repeated[:10]}")
@@ -120,6 +148,8 @@ def load_categories(id2label: Mapping[int, str], model_dir: Path, label_map: str
             data = request(fs, "cat_file", path)
         except FileNotFoundError as exc:
             raise LabelMapError(f"--label-map {label_map} does not exist") from exc
+        except IsADirectoryError as exc:
+            raise LabelMapError(f"--label-map {label_map} is a folder, not a file: name the JSON file") from exc
         try:
             text = data.decode()
         except UnicodeDecodeError as exc:

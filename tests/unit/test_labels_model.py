@@ -82,6 +82,40 @@ def test_label_map_entries_are_checked_strictly(tmp_path, change, error):
         load_categories({0: "a"}, tmp_path, str(path))
 
 
+NO_COLOR = {k: v for k, v in GOOD_ENTRY.items() if k != "color"}
+
+
+@pytest.mark.parametrize("content, error", [
+    # the British spelling would otherwise load as black, the colour of void
+    ({"categories": [NO_COLOR | {"colour": [1, 2, 3]}]},
+     'categories[0]: "colour": no such key (the keys are label_id, id, name, isthing, color, supercategory)'),
+    ({"categories": [GOOD_ENTRY | {"extra": 1}]}, 'categories[0]: "extra": no such key (the keys are '),
+    ({"categories": [GOOD_ENTRY], "info": {}},
+     'has keys other than "categories", its only one: "info" (the form is {"categories": [{"label_id": 0, '),
+    ([GOOD_ENTRY], 'must be a JSON object with a "categories" list, as {"categories": [{"label_id": 0, '),
+    ({"category": [GOOD_ENTRY]}, 'must be a JSON object with a "categories" list'),
+    ({"categories": GOOD_ENTRY}, 'must be a JSON object with a "categories" list'),
+    ({"categories": [GOOD_ENTRY, {k: v for k, v in GOOD_ENTRY.items() if k != "name"} | {"label_id": 1}]},
+     'categories[1]: no "name" (required keys: label_id, id, name, isthing): {'),
+    ({"categories": [GOOD_ENTRY, 1]}, "categories[1]: not a JSON object with the keys label_id, id, name, isthing, "
+                                      "color, supercategory: 1"),
+    ("{not json", "is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2"),
+])
+def test_label_maps_not_in_the_documented_form_are_refused_saying_what_is_wrong(tmp_path, content, error):
+    path = tmp_path / "map.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(LabelMapError) as refused:
+        load_categories({0: "a", 1: "b"}, tmp_path, str(path))
+    assert str(refused.value).startswith(f"label map {path}")
+    assert error in str(refused.value)
+
+
+def test_a_folder_given_as_label_map_is_refused(tmp_path):
+    with pytest.raises(LabelMapError) as refused:
+        load_categories({0: "a"}, tmp_path, str(tmp_path))
+    assert str(refused.value) == f"--label-map {tmp_path} is a folder, not a file: name the JSON file"
+
+
 def test_label_map_repeats_and_non_utf8_text_are_refused_and_a_good_map_is_read(tmp_path):
     path = tmp_path / "map.json"
     path.write_text(json.dumps({"categories": [GOOD_ENTRY, GOOD_ENTRY | {"id": 8, "name": "b"}]}))
