@@ -52,7 +52,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise
     except UnidentifiedImageError:
         raise ImageFailure(DECODE, "NotAnImage", "not a recognised image format") from None
-    except Image.DecompressionBombError as exc:  # Pillow's hard limit: twice its warning
-        raise ImageFailure(DECODE, "TooManyPixels", str(exc)) from None
+    except Image.DecompressionBombError as exc:  # Pillow's hard limit, twice its warning, checked on opening
+        raise ImageFailure(DECODE, "TooManyPixels", f"over the limit of {max_pixels} pixels: {exc}") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageFailure(DECODE, type(exc).__name__, str(exc)[:300]) from None

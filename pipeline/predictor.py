@@ -177,7 +177,7 @@ class Predictor:
             return resize_for_model(image, self.processor, self.device)
         except ValueError as exc:
             height, width = image.shape[:2]
-            return (PREPROCESS, type(exc).__name__,
+            return (PREPROCESS, "CannotResize",  # named for what failed: transformers' ValueError says it in its terms
                     f"the model's image processor cannot resize this {width}x{height} image: {exc}"[:500])
         except RuntimeError as exc:
             return INFER, type(exc).__name__, str(exc)[:500]

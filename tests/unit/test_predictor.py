@@ -72,7 +72,7 @@ def test_an_image_the_processor_cannot_resize_fails_alone_before_the_model(tmp_p
     predictor.model.forward = counted
     out = predictor(_batch(["a.jpg", "wide.png", "b.jpg"], images))
     assert out["error_stage"].tolist() == ["", "preprocess", ""]
-    assert out["error_type"][1] == "ValueError" and "cannot resize this 1100x2 image" in out["error_message"][1]
+    assert out["error_type"][1] == "CannotResize" and "cannot resize this 1100x2 image" in out["error_message"][1]
     assert len(shapes) == 1 and shapes[0][0] == 2  # one shape: one forward, not a retry image by image
     for i in (0, 2):
         assert len(json.loads(out["segments"][i])) > 2 and out["segment_ids"][i].shape == images[i].shape[:2]
