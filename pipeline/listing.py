@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import posixpath
+import re
 from itertools import chain
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -123,9 +124,20 @@ def _list_folder(fs: fsspec.AbstractFileSystem, root: str, protocol: str, skip: 
 
 def _text(path: str) -> str:
     """A local path as the tables can hold it. A name that is not UTF-8 (Python keeps its bytes as
-    surrogates) is shown with its bytes escaped: no file has that name, so the image fails with a
-    read error row that names it, instead of failing the job."""
+    surrogates) is shown with its bytes escaped, and the image fails with a read error row that
+    names it (`names_a_file_not_utf8`), instead of failing the job."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")  # as backslashreplace writes a byte UTF-8 refused (0x80 up)
+
+
+def names_a_file_not_utf8(uri: str) -> bool:
+    """Whether a local uri is `_text` of a file whose name is not UTF-8: one with that name read
+    in its place would be another file's (`caf\\xe9.jpg`, literally)."""
+    if "://" in uri or not _ESCAPED_BYTE.search(uri):
+        return False
+    return os.path.lexists(_ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m[1], 16)), uri))  # surrogateescape's form
 
 
 def _local_walk(root: str, skip: str | None, denied: list[str]) -> Iterator[tuple[str, list[str], list[str]]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.failures import READ, ImageFailure, as_failure
-from pipeline.listing import S3_VERSION_QUERY
+from pipeline.listing import S3_VERSION_QUERY, names_a_file_not_utf8
 from pipeline.remote import StorageConfig, file_system, first_protocol, request
 
 
@@ -15,6 +15,9 @@ def read_bytes(uri: str, storage: StorageConfig) -> bytes:
             raise ImageFailure(READ, "UnsupportedName", f"s3fs takes what follows {S3_VERSION_QUERY!r} in an S3 "
                                "path for an object version, and versions are not supported: rename an object "
                                "whose name holds it, or list a versioned object without it")
+        if names_a_file_not_utf8(uri):
+            raise ImageFailure(READ, "UnsupportedName", "the file's name is not UTF-8, which the tables cannot hold "
+                               "(shown with its bytes escaped): rename it")
         return request(fs, "cat_file", path)
     except Exception as exc:  # missing, denied, network, no answer: recorded as this image's error row
         raise as_failure(READ, exc) from exc

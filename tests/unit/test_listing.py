@@ -4,7 +4,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.failures import ImageFailure
 from pipeline.listing import InputError, iter_inputs, safe_key
+from pipeline.read import read_bytes
+from pipeline.remote import StorageConfig
 
 
 @pytest.mark.parametrize(
@@ -159,6 +162,12 @@ def test_a_local_name_that_is_not_utf8_is_listed_readably(tmp_path):
     ((key, uri),) = iter_inputs(str(tmp_path / "in"))
     assert key == "caf%E9.jpg"
     assert uri.encode("utf-8") and uri.endswith("caf\\xe9.jpg")  # the tables hold UTF-8 only
+    (tmp_path / "in" / "caf\\xe9.jpg").write_bytes(b"another file, named as the escaped text literally")
+    with pytest.raises(ImageFailure) as failed:  # not read in its place, nor "missing"
+        read_bytes(uri, StorageConfig())
+    assert (failed.value.error_type, failed.value.message) == (
+        "UnsupportedName", "the file's name is not UTF-8, which the tables cannot hold (shown with its bytes escaped): "
+        "rename it")
 
 
 def test_keys_root_is_the_resolved_folder_the_keys_are_relative_to(tmp_path, image_dir):
