@@ -11,9 +11,11 @@ coco/instances.json. Rerunning the same command resumes: committed images are sk
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -33,10 +35,10 @@ from pipeline.state import NotAnOutput, SettingsMismatch  # noqa: E402
 from pipeline.remote import (S3_SCHEMES, UNREACHABLE, StorageConfig, StorageTimeout, UnsupportedURL,  # noqa: E402
                              redact, storage_error_message, unreachable_message)
 from pipeline.run import ClusterTooSmall, ExecutionConfig, RunConfig, Terminated, TooManyErrors, run  # noqa: E402
-from pipeline.storage import DamagedOutput  # noqa: E402
+from pipeline.storage import DamagedOutput, UnwritableOutput  # noqa: E402
 
 USER_ERRORS = (InputError, ModelError, LabelMapError, SettingsMismatch, TooManyErrors, ClusterTooSmall, OutputBusy,
-               UnsupportedURL, NotOnEveryNode, NotAnOutput, DamagedOutput, StorageTimeout)
+               UnsupportedURL, NotOnEveryNode, NotAnOutput, DamagedOutput, UnwritableOutput, StorageTimeout)
 
 
 def user_error_message(exc: BaseException) -> str | None:
@@ -175,8 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the model in each inference actor: compiles for minutes at start-up; "
                         "only for long GPU runs of large checkpoints (slower on a CPU)")
     p.add_argument("--tasks", type=_tasks, default=("panoptic",),
-                   help="outputs to make, comma-separated: panoptic (always), semantic (class-id PNGs), instance "
-                        "(COCO RLE masks of things, coco/instances.json) (default: panoptic)")
+                   help="outputs to make, comma-separated: panoptic (required in the list), semantic (class-id "
+                        "PNGs), instance (COCO RLE masks of things, coco/instances.json) (default: panoptic)")
     p.add_argument("--threshold", type=_fraction, default=0.5,
                    help="minimum class score for a query to become a segment (default: 0.5)")
     p.add_argument("--mask-threshold", type=_fraction, default=0.5,
@@ -236,6 +238,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C: KeyboardInterrupt, once. What the job does on its way out (record what the run
+    committed, release the output, shut Ray down) is bounded in time, and a second press, as an
+    impatient user makes, would cut it short, with a traceback where it lands in Ray's shutdown
+    at exit: later presses are ignored. Ctrl-\\ still quits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     # Ray Data logs an error that ends the plan (a write task's full disk, an actor that cannot
@@ -247,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     config = config_from_args(parse_args(argv))
+    # Ctrl-C stops the run, once; it is ignored during Ray's shutdown at exit, after a run that ended
+    # by itself too (registered after `import ray` registered that shutdown, this runs before it)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # unless started ignoring it (nohup, `&`)
+        signal.signal(signal.SIGINT, _interrupt)
+        atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
     try:
         run(config)
     except KeyboardInterrupt as exc:

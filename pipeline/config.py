@@ -14,7 +14,8 @@ TASKS = ("panoptic", "semantic", "instance")
 def canonical_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     """`tasks` in the order of TASKS; ValueError unless they include panoptic and are all known."""
     if "panoptic" not in tasks or not set(tasks) <= set(TASKS):
-        raise ValueError(f"tasks must include panoptic and be among {', '.join(TASKS)}, got {', '.join(tasks)}")
+        raise ValueError(f"tasks must include panoptic and be among {', '.join(TASKS)}, got "
+                         f"{', '.join(tasks) or 'an empty list'}")
     return tuple(t for t in TASKS if t in tasks)
 
 

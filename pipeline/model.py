@@ -46,6 +46,12 @@ class ModelSource:
         """What the uri names on this machine's disk, if it names a local path (`file://` or none)."""
         return Path(self.uri.removeprefix("file://")).expanduser()
 
+    @property
+    def is_local_path(self) -> bool:
+        """Whether the uri names a local path: written as one (`file://`, `./`, `/`, `~`), or naming
+        something on this disk. Else it is an fsspec URL or a hub id (`org/name`), which are fetched."""
+        return self.uri.startswith(("file://", ".", "/", "~")) or self.path.exists()
+
 
 def _cache_root() -> Path:
     return Path(os.environ.get("PANOPTIC_MODEL_CACHE", Path.home() / ".cache" / "panoptic-pipeline" / "models"))
@@ -112,8 +118,10 @@ def local_dir(source: ModelSource) -> Path:
         directory = path
     elif source.is_remote_dir:
         directory = _copy_remote_dir(source.uri, source.storage)
-    elif path.exists() or source.uri.startswith((".", "/", "~")):
-        raise ModelError(f"model {source.uri!r} is not a checkpoint directory")
+    elif path.exists():
+        raise ModelError(f"model {source.uri!r} is a file, not a checkpoint directory")
+    elif source.is_local_path:
+        raise ModelError(f"model directory {source.uri} does not exist")
     else:
         directory = _hub_snapshot(source.uri)
     if not (directory / "config.json").is_file():

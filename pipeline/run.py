@@ -374,7 +374,7 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     store = OutputStore(config.output, config.storage)
     check_is_output(store)  # before anything is written: the lease, the probe
     store.check_writable()
-    if config.model != BUNDLED and not local_model:  # minutes for a large checkpoint, with no other output
+    if config.model != BUNDLED and not source.is_local_path:  # minutes for a large checkpoint, with no other output
         progress(f"model {config.model}: fetching it, or reading this machine's cached copy")
     model_dir = local_dir(ModelSource(config.model, config.storage))
     labels = model_labels(model_dir)

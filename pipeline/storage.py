@@ -22,6 +22,10 @@ from pipeline.remote import StorageConfig, file_system, file_version, request, t
 S3_DELETE_KEYS = 1000  # the most keys one DeleteObjects request takes
 
 
+class UnwritableOutput(ValueError):
+    """A local --output that is a file, or a folder this process cannot write; the message says which."""
+
+
 class DamagedOutput(ValueError):
     """A file the pipeline wrote under the output cannot be read back: it was damaged or replaced
     after it was written (the writes are atomic). The message names it and says what to do."""
@@ -197,16 +201,29 @@ class OutputStore:
         """Write and delete a probe file, so a bad output fails before any work is done."""
         probe = f".probe-{uuid.uuid4().hex}"  # at the root: a run refused next leaves no _state/ behind
         created = []  # local folders the probe's write creates: removed again, so a run refused next
-        folder = self._base  # (a mistyped --input, say) leaves no empty output folder behind
-        while self.is_local and folder and not os.path.exists(folder):
-            created.append(folder)
-            folder = os.path.dirname(folder)
+        existing = self._base  # (a mistyped --input, say) leaves no empty output folder behind
+        while self.is_local and existing and not os.path.exists(existing):
+            created.append(existing)
+            existing = os.path.dirname(existing)
         try:
             self.write_bytes(probe, b"")
             self.delete(probe)
+        except OSError as exc:
+            if not self.is_local:  # the store's refusal: storage_error_message explains it (credentials, bucket)
+                raise
+            raise self._unwritable(existing, exc) from exc  # its own message names the probe, unknown to the user
         finally:
             for folder in created:  # deepest first
                 try:
                     os.rmdir(folder)
                 except OSError:  # another run has written there meanwhile: its folder now
                     break
+
+    def _unwritable(self, existing: str, exc: OSError) -> UnwritableOutput:
+        """Why the probe could not be written to a local output whose nearest existing path is
+        `existing`: the output itself, or what is above it."""
+        if not os.path.isfile(existing):  # a folder that refused the write (read-only, not ours)
+            return UnwritableOutput(f"--output {self.root} cannot be written: {exc.strerror or exc}")
+        if existing != self._base:
+            return UnwritableOutput(f"--output {self.root} cannot be made: {existing} is a file, not a folder")
+        return UnwritableOutput(f"--output {self.root} is a file, not a folder")

@@ -280,9 +280,13 @@ def test_a_stop_for_too_many_errors_reports_what_was_committed(ray_runtime, tmp_
     assert report["run"]["failed"] == report["run"]["processed"] == report["dataset"]["errors"] == committed
 
 
-@pytest.mark.parametrize("sig, status, line", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_ctrl_c_or_sigterm_prints_one_line_keeps_the_run_in_the_history_and_resumes(scenes, tmp_path, sig, status, line):
-    """Ctrl-C in a terminal, or SIGTERM from `timeout`, systemd, Slurm or Kubernetes."""
+@pytest.mark.parametrize("sig, presses, status, line", [(signal.SIGINT, 1, 130, "interrupted"),
+                                                         (signal.SIGINT, 2, 130, "interrupted"),
+                                                         (signal.SIGTERM, 1, 143, "terminated")])
+def test_ctrl_c_or_sigterm_prints_one_line_keeps_the_run_in_the_history_and_resumes(scenes, tmp_path, sig, presses,
+                                                                                     status, line):
+    """Ctrl-C in a terminal (pressed twice by an impatient user: the second lands while the run
+    records itself or Ray shuts down), or SIGTERM from `timeout`, systemd, Slurm or Kubernetes."""
     images, output = tmp_path / "images", tmp_path / "out"
     images.mkdir()
     for path in sorted(scenes.iterdir())[:120]:
@@ -300,7 +304,9 @@ def test_ctrl_c_or_sigterm_prints_one_line_keeps_the_run_in_the_history_and_resu
     while process.poll() is None and time.monotonic() < deadline and committed_rows(output) == 0:
         time.sleep(0.2)
     assert process.poll() is None, "the job ended before it could be interrupted"
-    os.killpg(process.pid, sig)  # what Ctrl-C in a terminal (and a scheduler) sends: the whole process group
+    for press in range(presses):
+        time.sleep(0.3 * press)
+        os.killpg(process.pid, sig)  # what Ctrl-C in a terminal (and a scheduler) sends: the whole process group
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == status, stderr[-2000:]
     assert "Traceback" not in stderr and f"{line}: committed shards are kept" in stderr
@@ -309,7 +315,7 @@ def test_ctrl_c_or_sigterm_prints_one_line_keeps_the_run_in_the_history_and_resu
     assert record["interrupted"] and "finished" not in record
     assert 0 < committed_rows(output) < 120
     assert 0 < record["counts"]["ok"] + record["counts"]["failed"] <= committed_rows(output)  # what it had committed
-    if sig != signal.SIGINT:
+    if (sig, presses) != (signal.SIGINT, 1):
         return  # the resume is the same whichever signal stopped the run: checked once
     assert start_job(images, output).wait(timeout=900) == 0
     assert len(images_table(output)) == 120 and len(list((output / "_state" / "runs").glob("*.json"))) == 2

@@ -43,6 +43,35 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, fla
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_that_is_a_file_is_named_as_one(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    line = one_error_line(job("--input", str(SAMPLES), "--output", str(afile)))
+    assert line == f"error: --output {afile} is a file, not a folder"
+    line = one_error_line(job("--input", str(SAMPLES), "--output", str(afile / "out")))
+    assert line == f"error: --output {afile / 'out'} cannot be made: {afile} is a file, not a folder"
+    assert afile.read_text() == "mine"
+
+
+def test_a_read_only_output_is_named_not_the_probe_written_to_it(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        for output in (disk, disk / "out"):
+            line = one_error_line(job("--input", str(SAMPLES), "--output", str(output)))
+            assert line == f"error: --output {output} cannot be written: Read-only file system"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_local_model_that_does_not_exist_is_named_and_not_fetched(tmp_path):
+    result = job("--input", str(SAMPLES), "--output", str(tmp_path / "out"), "--model", str(tmp_path / "nope"))
+    assert one_error_line(result) == f"error: model directory {tmp_path / 'nope'} does not exist"
+    assert "fetching" not in result.stdout
+
+
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["run", "overwrite"])
 def test_a_folder_no_run_made_is_refused_and_nothing_in_it_touched(tmp_path, overwrite):
     """A run deletes errors parts it finds uncommitted, --overwrite every name runs write: neither

@@ -50,6 +50,16 @@ def test_label_ids_to_fuse_refuses_other_words(capsys):
     assert stopped.value.code == 2 and "ids and/or the word stuff" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, got", [("", "got an empty list"), (" , ", "got an empty list"),
+                                       ("semantic,instance", "got semantic, instance")])
+def test_tasks_without_panoptic_are_refused_saying_what_was_given(text, got, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        job.parse_args(["--input", "in", "--output", "out", "--tasks", text])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.endswith(f"tasks must include panoptic and be among panoptic, semantic, instance, "
+                                            f"{got}\n")
+
+
 @pytest.mark.parametrize("value", ["127.0.0.1:9000", "minio:9000", "http://", "ftp://host", "http://[::1",
                                    "http://127.0.0.1:abc", "http://127.0.0.1:99999"])
 def test_an_endpoint_without_scheme_or_host_is_refused_at_parse_time(value, capsys, monkeypatch):

@@ -160,8 +160,14 @@ def test_pickle_only_checkpoint_is_refused(untrained_model, tmp_path):
 
 
 def test_missing_and_unknown_models_are_clear_errors(tmp_path):
-    with pytest.raises(ModelError, match="not a checkpoint directory"):
-        local_dir(ModelSource(str(tmp_path / "missing")))
+    for missing in (str(tmp_path / "missing"), f"file://{tmp_path}/missing"):
+        assert ModelSource(missing).is_local_path  # not fetched: the job does not say it is fetching it
+        with pytest.raises(ModelError, match=f"model directory {missing} does not exist"):
+            local_dir(ModelSource(missing))
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="weights.safetensors' is a file, not a checkpoint directory"):
+        local_dir(ModelSource(str(tmp_path / "weights.safetensors")))
+    assert not ModelSource("no-such-org/no-such-model-xyz").is_local_path
     with pytest.raises(ModelError, match="from the Hugging Face hub .*, and no local directory has that name"):
         local_dir(ModelSource("no-such-org/no-such-model-xyz"))
 
