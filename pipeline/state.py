@@ -87,10 +87,12 @@ def check_is_output(store: OutputStore) -> None:
     a run deletes the errors parts of shards it finds uncommitted, and --overwrite everything of
     those names, so a mistyped --output must not cost a user their own coco/ or tables/."""
     present = [name for name in (*OUTPUT_DIRS, *OUTPUT_FILES) if store.exists(name)]
-    if present and not store.exists(SETTINGS) and not store.list(RUNS_DIR):
+    # any file of _state/ will do: settings.json may have been deleted as DamagedOutput advises, and
+    # a run killed outright records no run but leaves its lease (one clearing the output holds it)
+    if present and not store.list(STATE_DIR) and not store.list(RUNS_DIR):
         raise NotAnOutput(
             f"{store.root} holds {', '.join(present)} but is not an output of this pipeline (it has no "
-            f"{SETTINGS}): nothing was written or deleted; choose another --output")
+            f"{STATE_DIR}/): nothing was written or deleted; choose another --output")
 
 
 def clear_outputs(store: OutputStore) -> None:

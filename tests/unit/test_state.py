@@ -75,3 +75,21 @@ def test_a_clear_cut_off_never_leaves_a_commit_record_without_its_pngs(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         clear_outputs(store)
     assert committed_parts(store) == [] and store.exists("panoptic/a.jpg.png")
+
+
+@pytest.mark.parametrize("state", [None, "_state/settings.json", "_state/lease.json", "_state/coco.json",
+                                   "_state/runs/r1.json"])
+def test_an_output_is_one_a_run_made_whatever_of_its_state_is_left(tmp_path, state):
+    """A run killed outright leaves its lease and no record; a damaged settings.json may have been
+    deleted as advised: still the pipeline's output. Without any of _state/ it is refused."""
+    from pipeline.state import NotAnOutput, check_is_output
+
+    store = OutputStore(str(tmp_path))
+    store.write_bytes("tables/errors/mine.parquet", b"a user's own file")
+    if state is None:
+        with pytest.raises(NotAnOutput, match=r"holds tables but is not an output of this pipeline \(it has no _state/\)"):
+            check_is_output(store)
+    else:
+        store.write_bytes(state, b"{}")
+        check_is_output(store)
+    check_is_output(OutputStore(str(tmp_path / "new")))  # nothing there yet
