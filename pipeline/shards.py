@@ -21,6 +21,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -301,21 +302,31 @@ def _rows(store: OutputStore, parts: Sequence[str]) -> int:
     return sum(_read(store, parts, lambda data: pq.read_metadata(data).num_rows))
 
 
+@lru_cache(maxsize=None)
+def _empty_part(directory: str) -> bytes:
+    """A part of `directory`'s table without rows, as this pyarrow writes it."""
+    return _parquet_bytes([], {IMAGES_DIR: tables.IMAGES, ERRORS_DIR: tables.ERRORS}[directory])
+
+
 def _committed(store: OutputStore, directory: str, parts: Sequence[str] | None = None) -> list[str]:
-    """Paths of the committed parts of `directory` (IMAGES_DIR or ERRORS_DIR): of those named in
-    `parts` if given, else of every committed shard."""
+    """Paths of the committed parts of `directory` (IMAGES_DIR or ERRORS_DIR) that may hold rows:
+    of those named in `parts` if given, else of every committed shard. Most errors parts are
+    empty, and their size tells them without a request each."""
     committed = set(committed_parts(store) if parts is None else parts)
-    return [f"{directory}/{name}" for name in store.list(directory, PART_SUFFIX) if name in committed]
+    empty = len(_empty_part(directory))
+    return [f"{directory}/{name}" for name, size, _ in store.versions(directory, PART_SUFFIX)
+            if name in committed and size != empty]
 
 
 def forget_failures(store: OutputStore) -> int:
-    """Delete every committed errors part with rows, so that the failed images are pending again (their
-    shards' segmented images stay committed); returns how many images failed."""
+    """Empty every committed errors part, so that the failed images are pending again (their
+    shards' segmented images stay committed, and each shard keeps its errors part); returns how
+    many images failed."""
     parts = _committed(store, ERRORS_DIR)
-    rows = list(_read(store, parts, lambda data: pq.read_metadata(data).num_rows))
-    for part in (part for part, n in zip(parts, rows) if n):  # most shards' parts are empty
-        store.delete(part)
-    return sum(rows)
+    failed = _rows(store, parts)
+    for part in parts:
+        store.write_bytes(part, _empty_part(ERRORS_DIR))
+    return failed
 
 
 def iter_committed(store: OutputStore, directory: str, columns: list[str] | None = None) -> Iterator[pa.Table]:

@@ -61,6 +61,27 @@ def test_errors_part_without_commit_record_is_ignored_and_removed(tmp_path):
     assert not list((tmp_path / "tables/errors").iterdir()) and not list((tmp_path / "tables/images").iterdir())
 
 
+def test_every_shard_has_an_errors_part_and_only_those_with_rows_are_read(tmp_path, monkeypatch):
+    """A query of tables/errors/*.parquet finds a table on every output; runs, which read the errors
+    parts several times, skip the empty ones by their listed size; --retry-failed empties a part."""
+    from pipeline.shards import forget_failures
+
+    store = OutputStore(str(tmp_path))
+    for keys in (["a.jpg", "b.jpg"], ["c.jpg"], ["bad.jpg", "d.jpg"]):
+        write_shard(_batch(keys, errors={"bad.jpg"}), ShardOutput(store, CATEGORIES, "r", "m"))
+    names = {p.name for p in (tmp_path / "tables/images").iterdir()}
+    assert {p.name for p in (tmp_path / "tables/errors").iterdir()} == names and len(names) == 3
+    fetched = []
+    read_many = OutputStore.read_many
+    monkeypatch.setattr(OutputStore, "read_many", lambda self, parts: fetched.extend(parts) or read_many(self, parts))
+    assert committed_keys(store) == {"a.jpg", "b.jpg", "c.jpg", "bad.jpg", "d.jpg"}
+    assert sum(p.startswith("tables/errors/") for p in fetched) == 1  # the part with a row
+    assert forget_failures(store) == 1
+    assert {p.name for p in (tmp_path / "tables/errors").iterdir()} == names  # emptied, not deleted
+    assert pq.read_table(tmp_path / "tables/errors").num_rows == 0
+    assert committed_keys(store) == {"a.jpg", "b.jpg", "c.jpg", "d.jpg"}
+
+
 def test_coco_rebuild(tmp_path):
     store = OutputStore(str(tmp_path))
     write_shard(_batch(["a.jpg"]), ShardOutput(store, CATEGORIES, "r", "m"))
