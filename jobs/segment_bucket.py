@@ -238,13 +238,27 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    """Ctrl-C: KeyboardInterrupt, once. What the job does on its way out (record what the run
-    committed, release the output, shut Ray down) is bounded in time, and a second press, as an
-    impatient user makes, would cut it short, with a traceback where it lands in Ray's shutdown
-    at exit: later presses are ignored. Ctrl-\\ still quits."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+class _Interrupts:
+    """Ctrl-C: KeyboardInterrupt at the first press. What the job then does on its way out (record
+    what the run committed, release the output, shut Ray down) is bounded in time, and a second
+    press would cut it short, with a traceback where it lands in Ray's shutdown at exit: a second
+    press says so, and a third quits at once (the output's lease then expires by itself)."""
+
+    def __init__(self) -> None:
+        self.presses = 0
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.presses += 1
+        if self.presses == 1:
+            raise KeyboardInterrupt
+        if self.presses > 2:
+            os._exit(130)
+        print("stopping: recording what the run committed and shutting down; Ctrl-C again quits at once",
+              file=sys.stderr, flush=True)
+
+    def exiting(self) -> None:
+        """Ray shuts down at exit, after a run that ended by itself too: a press then stops nothing."""
+        self.presses = max(self.presses, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,17 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     # Ray Data logs an error that ends the plan (a write task's full disk, an actor that cannot
     # load the model, a damaged part the listing reads), with its stack trace and advice on
     # DataContext settings, before re-raising it: here it becomes one error line, or, for a bug,
-    # Python's own traceback
-    for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    # Python's own traceback. The executor's other warnings (a stage with no output for long) stay.
+    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
+    logging.getLogger("ray.data._internal.execution.streaming_executor_state").addFilter(
+        lambda record: "Dataset execution will now abort" not in record.getMessage())
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     config = config_from_args(parse_args(argv))
-    # Ctrl-C stops the run, once; it is ignored during Ray's shutdown at exit, after a run that ended
-    # by itself too (registered after `import ray` registered that shutdown, this runs before it)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # unless started ignoring it (nohup, `&`)
-        signal.signal(signal.SIGINT, _interrupt)
-        atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # unless started ignoring it (`&` in a script)
+        interrupts = _Interrupts()
+        signal.signal(signal.SIGINT, interrupts)
+        atexit.register(interrupts.exiting)  # registered after `import ray` registered its shutdown: runs before it
     try:
         run(config)
     except KeyboardInterrupt as exc:

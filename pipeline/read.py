@@ -16,8 +16,8 @@ def read_bytes(uri: str, storage: StorageConfig) -> bytes:
                                "path for an object version, and versions are not supported: rename an object "
                                "whose name holds it, or list a versioned object without it")
         if names_a_file_not_utf8(uri):
-            raise ImageFailure(READ, "UnsupportedName", "the file's name is not UTF-8, which the tables cannot hold "
-                               "(shown with its bytes escaped): rename it")
+            raise ImageFailure(READ, "UnsupportedName", "the file's path is not UTF-8 (its name, or a folder's), which "
+                               "the tables cannot hold (shown with its bytes escaped): rename it")
         return request(fs, "cat_file", path)
     except Exception as exc:  # missing, denied, network, no answer: recorded as this image's error row
         raise as_failure(READ, exc) from exc

@@ -77,3 +77,21 @@ def test_an_endpoint_without_scheme_or_host_is_refused_at_parse_time(value, caps
     with pytest.raises(SystemExit):  # a manifest's entries may be s3:// URLs
         job.parse_args(["--input", "list.txt", "--output", "out"])
     assert job.parse_args(["--input", "in", "--output", "s3://b/o", "--endpoint-url", "http://[::1]:8333"]).endpoint_url
+
+
+def test_ctrl_c_stops_the_run_says_it_is_stopping_then_quits(monkeypatch, capsys):
+    """The first press stops the run; a second, while the job records what was committed and
+    shuts Ray down, would cut that short, so it only says so; a third quits at once."""
+    monkeypatch.setattr(job.os, "_exit", lambda status: (_ for _ in ()).throw(SystemExit(status)))
+    interrupts = job._Interrupts()
+    with pytest.raises(KeyboardInterrupt):
+        interrupts(2, None)
+    interrupts(2, None)
+    assert "Ctrl-C again quits at once" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as quit_:
+        interrupts(2, None)
+    assert quit_.value.code == 130
+    at_exit = job._Interrupts()
+    at_exit.exiting()  # Ray shuts down after a run that ended by itself: a press there stops nothing
+    at_exit(2, None)
+    assert "quits at once" in capsys.readouterr().err

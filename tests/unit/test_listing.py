@@ -166,8 +166,8 @@ def test_a_local_name_that_is_not_utf8_is_listed_readably(tmp_path):
     with pytest.raises(ImageFailure) as failed:  # not read in its place, nor "missing"
         read_bytes(uri, StorageConfig())
     assert (failed.value.error_type, failed.value.message) == (
-        "UnsupportedName", "the file's name is not UTF-8, which the tables cannot hold (shown with its bytes escaped): "
-        "rename it")
+        "UnsupportedName", "the file's path is not UTF-8 (its name, or a folder's), which the tables cannot hold "
+        "(shown with its bytes escaped): rename it")
 
 
 def test_keys_root_is_the_resolved_folder_the_keys_are_relative_to(tmp_path, image_dir):
