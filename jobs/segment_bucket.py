@@ -67,7 +67,13 @@ def _remote_user_error(text: str) -> str | None:
         return message
     if name in UNREACHABLE:  # the storage went away under a task
         return unreachable_message(message)
-    return f"{name}: {message}" if name in _OS_ERRORS else None
+    return _os_error(name, message) if name in _OS_ERRORS else None
+
+
+def _os_error(name: str, message: str) -> str:
+    """An operating system's refusal (a full disk, a permission): what the user fixes, and that
+    nothing committed is lost."""
+    return f"{name}: {message} (committed shards are kept: rerun the same command once it is fixed)"
 
 
 def _user_error_message(exc: BaseException) -> str | None:
@@ -79,7 +85,7 @@ def _user_error_message(exc: BaseException) -> str | None:
     if isinstance(exc, FileNotFoundError):
         return f"does not exist: {exc}"
     if isinstance(exc, OSError):  # unwritable output, full disk, read-only file system
-        return f"{exc.__class__.__name__}: {exc}"
+        return _os_error(exc.__class__.__name__, str(exc))
     return None
 
 
@@ -154,8 +160,8 @@ def _path(text: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, type=_path,
-                   help="folder of images (local path or fsspec URL such as s3://bucket/prefix), or a "
-                        "manifest file of URIs (.parquet with a 'uri' column, .csv, or .txt one per line)")
+                   help="folder of images (local path or fsspec URL such as s3://bucket/prefix), a single image, "
+                        "or a manifest file of URIs (.parquet with a 'uri' column, .csv, or .txt one per line)")
     p.add_argument("--output", required=True, type=_path, help="output folder (local path or fsspec URL); rerun to resume")
     p.add_argument("--model", default=BUNDLED, type=_path,
                    help="checkpoint: a Hugging Face hub id (e.g. facebook/maskformer-swin-base-coco), a local "

@@ -16,7 +16,8 @@ WRAPPED = "\n\nThe above exception was the direct cause of the following excepti
 
 @pytest.mark.parametrize("text, expected", [
     ("Traceback (most recent call last):\n  File \"x.py\", line 1\nOSError: [Errno 28] No space left on device" + WRAPPED,
-     "OSError: [Errno 28] No space left on device"),
+     "OSError: [Errno 28] No space left on device (committed shards are kept: rerun the same command once it is "
+     "fixed)"),
     ("RuntimeError: size mismatch\n\nThe above exception was the direct cause of the following exception:\n\n"
      "pipeline.model.ModelError: model in /m cannot be loaded: RuntimeError: size mismatch" + WRAPPED,
      "model in /m cannot be loaded: RuntimeError: size mismatch"),
