@@ -102,9 +102,9 @@ class OutputStore:
 
         For an object store the stream is staged in a local temporary file (under TMPDIR), then
         uploaded in one request, within the time `remote.transfer_seconds` gives its size (an
-        fsspec file streaming to the store takes no time limit). A multipart upload cut off
-        by it is left incomplete, unpublished, to the bucket's lifecycle rules. Locally we rename. If the caller
-        raises, nothing is published and the previous file stays.
+        fsspec file streaming to the store takes no time limit); a multipart upload cut off by
+        it is left incomplete, unpublished, to the bucket's lifecycle rules. Locally we rename.
+        If the caller raises, nothing is published and the previous file stays.
         """
         target = self.path(relative)
         if not self.is_local:
