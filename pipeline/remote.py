@@ -6,7 +6,7 @@ and `AWS_ENDPOINT_URL` is honoured by botocore itself; nothing here holds or log
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,6 +33,11 @@ def transfer_seconds(size: int) -> float:
 class StorageConfig:
     endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333 for an S3-compatible store
     anonymous: bool = False  # unsigned requests, for reading public buckets
+
+    def signed(self) -> StorageConfig:
+        """These settings with credentials: `--anonymous` reads a public input bucket, while the
+        model and the label map may well be private (and the output always is written signed)."""
+        return replace(self, anonymous=False)
 
     def options(self, url: str, write: bool = False) -> dict:
         """fsspec keyword arguments for `url` (none for non-S3 URLs)."""

@@ -199,7 +199,7 @@ def _plan(config: RunConfig, out: ShardOutput, dtype: str, on_gpu: bool) -> ray.
                             run_id=out.run_id)
     prepare = PrepareConfig(storage=config.storage)
     inference = InferenceConfig(model=config.model, dtype=dtype, postprocess=config.postprocess,
-                                compile=execution.compile, storage=config.storage, actors=high)
+                                compile=execution.compile, storage=config.storage.signed(), actors=high)
     # One block per 16 keys as pending.py makes them: left to itself Ray splits the single read
     # task's blocks toward 200 blocks, one key each (measured: ~25 s of overhead per 1,000 keys).
     # (`override_num_blocks=1` stops the split too, but then no shard committed before the last
@@ -376,13 +376,13 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     store.check_writable()
     if config.model != BUNDLED and not source.is_local_path:  # minutes for a large checkpoint, with no other output
         progress(f"model {config.model}: fetching it, or reading this machine's cached copy")
-    model_dir = local_dir(ModelSource(config.model, config.storage))
+    model_dir = local_dir(ModelSource(config.model, config.storage.signed()))
     labels = model_labels(model_dir)
     unknown = sorted(config.postprocess.label_ids_to_fuse - set(labels))
     if unknown:
         raise ModelError(f"--label-ids-to-fuse: the model has no label ids {unknown} (its label ids: "
                          f"{min(labels)} to {max(labels)}; label ids are the model's, not COCO category ids)")
-    categories = load_categories(labels, model_dir, config.label_map, config.storage)
+    categories = load_categories(labels, model_dir, config.label_map, config.storage.signed())
     if config.fuse_stuff:
         stuff = {c.label_id for c in categories if not c.isthing}
         if not stuff:

@@ -15,6 +15,8 @@ from typing import Iterator
 
 from tests.ports import free_port
 
+# Readable and listable without credentials (`--anonymous`), as a public dataset bucket is.
+PUBLIC_BUCKET = "pictures"
 # Distinctive fake credentials: tests assert they never show up in outputs or logs.
 ACCESS_KEY = "AKIAPIPELINETESTKEY1"
 SECRET_KEY = "pipeline-test-secret-Zq9xW3vL7kP2"
@@ -48,7 +50,8 @@ def start(directory: Path, timeout: float = 60.0) -> S3Server:
     config = directory / "s3.json"
     config.write_text(json.dumps({"identities": [{
         "name": "tester", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+        {"name": "anonymous", "actions": [f"Read:{PUBLIC_BUCKET}", f"List:{PUBLIC_BUCKET}"]}]}))
     taken: set[int] = set()
     ports = {name: free_port(taken, twin=10000) for name in ("master", "volume", "filer", "s3")}
     process = subprocess.Popen(

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.encode import read_panoptic_png
 from pipeline.model import BUNDLED_DIR
+from tests.s3_server import PUBLIC_BUCKET
 
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "segment_bucket.py"
 SAMPLES = BUNDLED_DIR.parent / "samples"
@@ -32,7 +33,7 @@ def run_job(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
 @pytest.fixture(scope="module")
 def s3_runs(s3_server, tmp_path_factory):
     fs = s3_server.filesystem()
-    fs.mkdir("pictures")
+    fs.mkdir(PUBLIC_BUCKET)
     fs.mkdir("results")
     fs.mkdir("models")
     for name in NAMES:
@@ -49,8 +50,9 @@ def s3_runs(s3_server, tmp_path_factory):
                                                 f"s3://pictures/in/{NAMES[0]}?versionId=1"]).encode())
     local_out, cache = tmp_path_factory.mktemp("local_out"), tmp_path_factory.mktemp("model_cache")
     env = s3_server.env() | {"PANOPTIC_MODEL_CACHE": str(cache)}
-    s3_log = run_job(["--input", "s3://pictures/in", "--output", "s3://results/run1",
-                      "--model", "s3://models/bundled"], env)
+    # a public input bucket read without credentials; the private model and label map are read with them
+    s3_log = run_job(["--input", f"s3://{PUBLIC_BUCKET}/in", "--output", "s3://results/run1", "--anonymous",
+                      "--model", "s3://models/bundled", "--label-map", "s3://models/bundled/label_map.json"], env)
     run_job(["--input", str(local_in), "--output", str(local_out)], {})
     manifest_log = run_job(["--input", "s3://pictures/manifest.txt", "--output", "s3://results/manifest"], env)
     return fs, local_out, cache, s3_log, manifest_log
