@@ -20,5 +20,8 @@ def as_failure(stage: str, exc: BaseException) -> ImageFailure:
     """Any exception raised while handling one image, as a failure of that stage."""
     if isinstance(exc, ImageFailure):
         return exc
-    return ImageFailure(stage, type(exc).__name__, str(exc)[:500] or type(exc).__name__)
+    message = str(exc)[:500] or type(exc).__name__
+    if isinstance(exc, FileNotFoundError) and exc.strerror is None:  # s3fs's says only the path
+        message = f"does not exist: {message}"
+    return ImageFailure(stage, type(exc).__name__, message)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from pipeline.remote import StorageConfig, file_system, request
+from pipeline.remote import StorageConfig, explained, file_system, request
 
 LABEL_MAP_FILE = "label_map.json"
 MAX_CATEGORY_ID = 65535  # semantic PNGs hold category ids in 16 bits at most
@@ -150,6 +150,11 @@ def load_categories(id2label: Mapping[int, str], model_dir: Path, label_map: str
             raise LabelMapError(f"--label-map {label_map} does not exist") from exc
         except IsADirectoryError as exc:
             raise LabelMapError(f"--label-map {label_map} is a folder, not a file: name the JSON file") from exc
+        except Exception as exc:  # named: the input, the model and the output may be in other buckets
+            reason = explained(exc)
+            if reason is None:
+                raise
+            raise LabelMapError(f"--label-map {label_map} cannot be read: {reason}") from exc
         try:
             text = data.decode()
         except UnicodeDecodeError as exc:

@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pipeline.remote import StorageConfig, StorageTimeout, file_system, file_version, request, transfer_seconds
+from pipeline.remote import StorageConfig, explained, file_system, file_version, request, transfer_seconds
 
 SUPPORTED_MODEL_TYPES = ("maskformer", "mask2former")
 BUNDLED = "bundled"  # the trained checkpoint shipped in the package, found on every node
@@ -119,8 +119,11 @@ def local_dir(source: ModelSource) -> Path:
     elif source.is_remote_dir:
         try:
             directory = _copy_remote_dir(source.uri, source.storage)
-        except StorageTimeout as exc:  # a ModelError: an inference actor reports it as the run's one error line
-            raise ModelError(f"model {source.uri} could not be copied: {exc}") from exc
+        except Exception as exc:  # a ModelError naming the model: an inference actor reports it as one error line
+            reason = explained(exc)
+            if reason is None:
+                raise
+            raise ModelError(f"model {source.uri} could not be copied: {reason}") from exc
     elif path.exists():
         raise ModelError(f"model {source.uri!r} is a file, not a checkpoint directory")
     elif source.is_local_path:

@@ -372,8 +372,8 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
     config = replace(config, input=absolute(config.input), output=absolute(config.output),
                      model=absolute(config.model) if local_model else config.model)
     store = OutputStore(config.output, config.storage)
-    check_is_output(store)  # before anything is written: the lease, the probe
-    store.check_writable()
+    store.check_writable()  # the first request to the output: its message names --output
+    check_is_output(store)  # before the run writes anything there (the probe is gone again)
     if config.model != BUNDLED and not source.is_local_path:  # minutes for a large checkpoint, with no other output
         progress(f"model {config.model}: fetching it, or reading this machine's cached copy")
     model_dir = local_dir(ModelSource(config.model, config.storage.signed()))
@@ -451,7 +451,8 @@ def _segment(config: RunConfig, store: OutputStore, model_dir: Path, categories:
         if config.previews:
             write_index(store, store.find(PREVIEWS_DIR, ".jpg"))
         # a pass over every committed shard: minutes on an output of millions of images
-        progress(f"rebuilding coco/ and report.json from the committed shards under {config.output}")
+        progress(f"writing report.json, and coco/ unless no shard was committed since it was built, from the "
+                 f"committed shards under {config.output}")
         totals = rebuild(store, categories, instances="instance" in config.postprocess.tasks)
         errors = committed_errors(store)
         # From what the run committed, not from the driver's count of streamed results: shards in

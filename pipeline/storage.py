@@ -17,13 +17,13 @@ from typing import IO, Iterator, Sequence
 
 import fsspec
 
-from pipeline.remote import StorageConfig, file_system, file_version, request, transfer_seconds
+from pipeline.remote import StorageConfig, file_system, file_version, request, storage_error_message, transfer_seconds
 
 S3_DELETE_KEYS = 1000  # the most keys one DeleteObjects request takes
 
 
 class UnwritableOutput(ValueError):
-    """A local --output that is a file, or a folder this process cannot write; the message says which."""
+    """An --output this process cannot write (a file, a read-only folder, a store's refusal); the message says why."""
 
 
 class DamagedOutput(ValueError):
@@ -208,10 +208,17 @@ class OutputStore:
         try:
             self.write_bytes(probe, b"")
             self.delete(probe)
-        except OSError as exc:
-            if not self.is_local:  # the store's refusal: storage_error_message explains it (credentials, bucket)
-                raise
-            raise self._unwritable(existing, exc) from exc  # its own message names the probe, unknown to the user
+        except Exception as exc:
+            if self.is_local and isinstance(exc, OSError):
+                raise self._unwritable(existing, exc) from exc  # its own message names the probe, unknown to the user
+            reason = storage_error_message(exc)  # the store's refusal: credentials, bucket, endpoint
+            if reason is None:
+                if not isinstance(exc, OSError):
+                    raise
+                # s3fs's error for a web server that is no S3 API (a wrong port) says nothing of it
+                reason = f"{type(exc).__name__}: {exc} (check the bucket and the endpoint URL)"
+            # named: the input, the model and the label map may be in other buckets
+            raise UnwritableOutput(f"--output {self.root} cannot be written: {reason}") from exc
         finally:
             for folder in created:  # deepest first
                 try:

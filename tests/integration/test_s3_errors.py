@@ -43,6 +43,44 @@ def test_wrong_endpoint(s3_server, bucket, untrained_model):
     assert_one_clear_error(result, "cannot reach")
 
 
+@pytest.fixture
+def web_server_not_s3():
+    """An endpoint where some other HTTP service answers (a wrong port): 404 and an HTML page."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            page = b"<html><body>Not Found</body></html>"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(page)
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_an_endpoint_that_is_no_s3_api_is_named_with_the_output(s3_server, web_server_not_s3, untrained_model,
+                                                                  image_dir):
+    env = s3_server.env() | {"AWS_ENDPOINT_URL": web_server_not_s3}
+    result = run_job(["--input", str(image_dir), "--output", "s3://outputs/x"], env, untrained_model)
+    assert_one_clear_error(result, "--output s3://outputs/x cannot be written: ")
+    assert "(check the bucket and the endpoint url)" in result.stderr.lower()
+
+
 def test_wrong_credentials(s3_server, bucket, untrained_model):
     env = s3_server.env() | {"AWS_SECRET_ACCESS_KEY": "wrong-" + s3_server_module.SECRET_KEY[::-1]}
     result = run_job(["--input", f"s3://{bucket}/images", "--output", "s3://outputs/x"], env, untrained_model)

@@ -303,3 +303,18 @@ def test_another_output_inside_an_s3_input_is_not_listed(s3_server, image_dir, m
         fs.put(image, f"nested/{key}")
     keys = {key for key, _ in iter_inputs("s3://nested/in", StorageConfig(endpoint_url=s3_server.endpoint))}
     assert keys == {"a.jpg", "older.jpg", "zz/b.jpg"}
+
+
+def test_an_input_missing_from_the_bucket_is_an_error_row_saying_so(s3_server, monkeypatch):
+    """s3fs's FileNotFoundError holds only the path: the row's message says what it means."""
+    from pipeline.failures import ImageFailure
+    from pipeline.read import read_bytes
+    from pipeline.remote import StorageConfig
+
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    s3_server.filesystem().mkdir("sparse")
+    with pytest.raises(ImageFailure) as failed:
+        read_bytes("s3://sparse/gone.jpg", StorageConfig(endpoint_url=s3_server.endpoint))
+    assert (failed.value.stage, failed.value.error_type, failed.value.message) == (
+        "read", "FileNotFoundError", "does not exist: sparse/gone.jpg")

@@ -96,3 +96,14 @@ def test_ctrl_c_stops_the_run_says_it_is_stopping_then_quits(monkeypatch, capsys
     at_exit.exiting()  # Ray shuts down after a run that ended by itself: a press there stops nothing
     at_exit(2, None)
     assert "quits at once" in capsys.readouterr().err
+
+
+def test_an_http_answer_that_is_not_s3s_is_a_storage_error():
+    from botocore.exceptions import HTTPClientError
+    from botocore.parsers import ResponseParserError
+
+    from pipeline.remote import storage_error_message
+
+    for exc in (HTTPClientError(error="400, message='Data after Connection: close'"),
+                ResponseParserError("Unable to parse response, invalid XML received")):
+        assert storage_error_message(exc).startswith("the storage endpoint does not answer as S3 does (check the endpoint URL): ")

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import remote
 from pipeline.failures import ImageFailure
-from pipeline.labels import load_categories
+from pipeline.labels import LabelMapError, load_categories
 from pipeline.model import ModelError, ModelSource, local_dir
 from pipeline.read import read_bytes
 from pipeline.remote import StorageConfig, StorageTimeout
@@ -79,6 +79,7 @@ def test_a_model_or_label_map_the_store_never_sends_fails_within_its_deadline(si
     started = time.monotonic()
     with pytest.raises(ModelError, match=r"^model s3://models/m could not be copied: .* within 1 s \(ls of s3://models/m\)"):
         local_dir(ModelSource("s3://models/m", storage))  # a ModelError: what an inference actor reports as one line
-    with pytest.raises(StorageTimeout, match=r"within 1 s \(cat_file of s3://models/labels.json\)"):
+    with pytest.raises(LabelMapError, match=r"^--label-map s3://models/labels.json cannot be read: StorageTimeout: .* "
+                                            r"within 1 s \(cat_file of s3://models/labels.json\)"):
         load_categories({0: "a"}, tmp_path, "s3://models/labels.json", storage)
     assert time.monotonic() - started < 20
