@@ -373,7 +373,7 @@ def run(config: RunConfig, progress: Callable[[str], None] = print) -> dict:
                      model=absolute(config.model) if local_model else config.model)
     store = OutputStore(config.output, config.storage)
     store.check_writable()  # the first request to the output: its message names --output
-    check_is_output(store)  # before the run writes anything there (the probe is gone again)
+    check_is_output(store)  # before the run changes anything there (the probe is gone again)
     if config.model != BUNDLED and not source.is_local_path:  # minutes for a large checkpoint, with no other output
         progress(f"model {config.model}: fetching it, or reading this machine's cached copy")
     model_dir = local_dir(ModelSource(config.model, config.storage.signed()))

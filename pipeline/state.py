@@ -92,7 +92,7 @@ def check_is_output(store: OutputStore) -> None:
     if present and not store.list(STATE_DIR) and not store.list(RUNS_DIR):
         raise NotAnOutput(
             f"{store.root} holds {', '.join(present)} but is not an output of this pipeline (it has no "
-            f"{STATE_DIR}/): nothing was written or deleted; choose another --output")
+            f"{STATE_DIR}/): nothing in it was changed; choose another --output")
 
 
 def clear_outputs(store: OutputStore) -> None:

@@ -82,7 +82,7 @@ def test_a_folder_no_run_made_is_refused_and_nothing_in_it_touched(tmp_path, ove
         (folder / name).write_text("precious")
     before = sorted(folder.rglob("*"))
     line = one_error_line(job("--input", str(SAMPLES), "--output", str(folder), *overwrite))
-    assert "is not an output of this pipeline" in line and "nothing was written or deleted" in line
+    assert "is not an output of this pipeline" in line and "nothing in it was changed" in line
     assert sorted(folder.rglob("*")) == before  # no lease, no probe, no _state/ left
     for name in ("coco/my_annotations.json", "tables/errors/mine.parquet", "report.json"):
         assert (folder / name).read_text() == "precious"
