@@ -143,14 +143,16 @@ def storage_error_message(exc: BaseException) -> str | None:
         return f"bucket does not exist: {exc}"
     if code in _DENIED or isinstance(exc, PermissionError):
         return f"access denied by the storage (check credentials and permissions): {exc}"
-    if names & {"ResponseParserError", "HTTPClientError"}:  # an HTTP server, but no S3 API, at the endpoint (a wrong port)
+    # an HTTP server, but no S3 API, at the endpoint (a wrong port)
+    if names & {"ResponseParserError", "HTTPClientError"}:
         return f"the storage endpoint does not answer as S3 does (check the endpoint URL): {str(exc)[:200]}"
     return None
 
 
-def explained(exc: BaseException) -> str | None:
-    """`storage_error_message`, or else an OSError's type and message; None for anything else (a bug)."""
+def explained(exc: BaseException, hint: str = "") -> str | None:
+    """`storage_error_message`, or else an OSError's type and message followed by `hint`; None for
+    anything else (a bug)."""
     reason = storage_error_message(exc)
     if reason is None and isinstance(exc, OSError):
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = f"{type(exc).__name__}: {exc}{hint}"
     return reason

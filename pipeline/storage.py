@@ -17,7 +17,7 @@ from typing import IO, Iterator, Sequence
 
 import fsspec
 
-from pipeline.remote import StorageConfig, file_system, file_version, request, storage_error_message, transfer_seconds
+from pipeline.remote import StorageConfig, explained, file_system, file_version, request, transfer_seconds
 
 S3_DELETE_KEYS = 1000  # the most keys one DeleteObjects request takes
 
@@ -211,12 +211,11 @@ class OutputStore:
         except Exception as exc:
             if self.is_local and isinstance(exc, OSError):
                 raise self._unwritable(existing, exc) from exc  # its own message names the probe, unknown to the user
-            reason = storage_error_message(exc)  # the store's refusal: credentials, bucket, endpoint
+            # the store's refusal (credentials, bucket, endpoint); s3fs's error for a web server that
+            # is no S3 API (a wrong port) says nothing of it
+            reason = explained(exc, hint=" (check the bucket and the endpoint URL)")
             if reason is None:
-                if not isinstance(exc, OSError):
-                    raise
-                # s3fs's error for a web server that is no S3 API (a wrong port) says nothing of it
-                reason = f"{type(exc).__name__}: {exc} (check the bucket and the endpoint URL)"
+                raise
             # named: the input, the model and the label map may be in other buckets
             raise UnwritableOutput(f"--output {self.root} cannot be written: {reason}") from exc
         finally:

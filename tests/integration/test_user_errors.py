@@ -11,7 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -53,17 +55,24 @@ def test_an_output_that_is_a_file_is_named_as_one(tmp_path):
     assert afile.read_text() == "mine"
 
 
-def test_a_read_only_output_is_named_not_the_probe_written_to_it(tmp_path):
+@contextmanager
+def tmpfs(tmp_path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted with `options` for the body of the `with`; the test is skipped where mounting is not allowed."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here")
     try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_read_only_output_is_named_not_the_probe_written_to_it(tmp_path):
+    with tmpfs(tmp_path, "ro") as disk:
         for output in (disk, disk / "out"):
             line = one_error_line(job("--input", str(SAMPLES), "--output", str(output)))
             assert line == f"error: --output {output} cannot be written: Read-only file system"
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_a_local_model_that_does_not_exist_is_named_and_not_fetched(tmp_path):
@@ -105,18 +114,12 @@ def test_a_model_the_inference_actors_cannot_load(tmp_path, untrained_model):
 
 
 def test_a_disk_that_fills_up_under_the_write_tasks(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here to fill up")
-    try:
+    with tmpfs(tmp_path, "size=120k") as disk:
         (disk / "filler").write_bytes(b"\0" * 70_000)
         line = one_error_line(job("--input", str(SAMPLES), "--output", str(disk / "out"), "--shard-size", "2"))
         assert line == ("error: OSError: [Errno 28] No space left on device (committed shards are kept: rerun the "
                         "same command once it is fixed)")
         assert not list(disk.rglob("*.tmp"))  # no half-written temporaries beside the outputs
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_a_processor_config_transformers_cannot_apply(tmp_path):
